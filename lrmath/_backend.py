@@ -1,0 +1,163 @@
+"""The few operations the array API standard lacks, in one place.
+
+Everything else in :mod:`lrmath` is written against the array API standard and
+dispatches on the arrays it is given (numpy, torch on any device, cupy).  This
+module holds exactly what the standard does not provide:
+
+* namespace dispatch that names both libraries when inputs are mixed,
+* the working float dtype of a device (float64 where the device has it),
+* Cholesky with failure *reported* (numpy raises, torch returns ``info``,
+  cupy silently returns NaN),
+* triangular solves,
+* moving small index/decision arrays to the host and back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import array_api_compat
+from array_api_compat import array_namespace, device as array_device
+
+__all__ = [
+    "namespace",
+    "library_name",
+    "device_of",
+    "work_dtype",
+    "as_work",
+    "cholesky_or_none",
+    "solve_triangular",
+    "to_numpy",
+    "from_numpy",
+    "is_torch",
+]
+
+
+def library_name(x: Any) -> str:
+    """Short name of the library an array belongs to (``numpy``, ``torch``, ``cupy``...)."""
+    if array_api_compat.is_numpy_array(x):
+        return "numpy"
+    if array_api_compat.is_torch_array(x):
+        return "torch"
+    if array_api_compat.is_cupy_array(x):
+        return "cupy"
+    return type(x).__module__.split(".")[0]
+
+
+def namespace(*arrays: Any):
+    """Array namespace of the inputs; mixed libraries raise a TypeError naming them.
+
+    ``None`` and Python scalars are ignored, so optional arguments can be passed
+    straight through.
+    """
+    arrays = tuple(a for a in arrays if a is not None and not isinstance(a, (int, float, bool)))
+    if not arrays:
+        raise TypeError("no array given: lrmath dispatches on the arrays passed to it")
+    names = sorted({library_name(a) for a in arrays})
+    if len(names) > 1:
+        raise TypeError(
+            f"mixed array libraries {' and '.join(names)}: pass arrays of one library "
+            "(convert with numpy.asarray / torch.as_tensor / cupy.asarray first)"
+        )
+    return array_namespace(*arrays)
+
+
+def is_torch(xp) -> bool:
+    return array_api_compat.is_torch_namespace(xp)
+
+
+def device_of(x: Any):
+    return array_device(x)
+
+
+def work_dtype(xp, device=None):
+    """float64 where the device supports it, else float32 (e.g. Apple MPS)."""
+    if is_torch(xp) and device is not None and getattr(device, "type", None) == "mps":
+        return xp.float32
+    return xp.float64
+
+
+def as_work(x, xp=None):
+    """Copy-free cast to the working dtype of ``x``'s device (float64 where possible)."""
+    xp = xp or namespace(x)
+    dt = work_dtype(xp, device_of(x))
+    return x if x.dtype == dt else xp.astype(x, dt)
+
+
+def cholesky_or_none(A, xp=None):
+    """Lower Cholesky factor of the (batched) matrix ``A``, or ``None`` if it is not PD.
+
+    Notes
+    -----
+    numpy raises ``LinAlgError``, torch reports ``info != 0`` through
+    ``cholesky_ex``, and cupy returns NaN without complaint; all three are
+    turned into ``None``.  A factor with a non-finite or non-positive diagonal
+    is also refused, since it would make the triangular solves meaningless.
+    """
+    xp = xp or namespace(A)
+    if is_torch(xp):
+        import torch
+
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool(torch.any(info != 0)):
+            return None
+    else:
+        try:
+            L = xp.linalg.cholesky(A)
+        except Exception:  # numpy.linalg.LinAlgError and friends
+            return None
+    diag = xp.linalg.diagonal(L)
+    if not bool(xp.all(xp.isfinite(L))) or not bool(xp.all(diag > 0)):
+        return None
+    return L
+
+
+def solve_triangular(T, B, *, lower: bool, left: bool = True, xp=None):
+    """Solve ``T X = B`` (``left``) or ``X T = B`` (not ``left``) for triangular ``T``.
+
+    Batched over leading dimensions on every backend.
+    """
+    xp = xp or namespace(T, B)
+    if is_torch(xp):
+        import torch
+
+        return torch.linalg.solve_triangular(T, B, upper=not lower, left=left)
+    if not left:
+        # X T = B  <=>  T^T X^T = B^T
+        Tt = xp.matrix_transpose(T)
+        Bt = xp.matrix_transpose(B)
+        return xp.matrix_transpose(solve_triangular(Tt, Bt, lower=not lower, left=True, xp=xp))
+    if array_api_compat.is_cupy_namespace(xp):
+        from cupyx.scipy.linalg import solve_triangular as _st
+
+        if T.ndim == 2:
+            return _st(T, B, lower=lower)
+        out = xp.empty_like(B)
+        for idx in np.ndindex(*T.shape[:-2]):
+            out[idx] = _st(T[idx], B[idx], lower=lower)
+        return out
+    from scipy.linalg import solve_triangular as _st
+
+    return _st(np.asarray(T), np.asarray(B), lower=lower, check_finite=False)
+
+
+def to_numpy(x) -> np.ndarray:
+    """Host copy of an array (for small decision data such as pivots or indices)."""
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def from_numpy(a: np.ndarray, like, xp=None, dtype=None):
+    """Move a host array onto the library and device of ``like``."""
+    xp = xp or namespace(like)
+    if dtype is None:
+        dtype = getattr(xp, str(a.dtype)) if a.dtype.kind == "f" else None
+    if is_torch(xp):
+        import torch
+
+        return torch.as_tensor(a, device=device_of(like), dtype=dtype)
+    return xp.asarray(a, device=device_of(like), dtype=dtype)
