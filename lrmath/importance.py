@@ -1,0 +1,217 @@
+"""FLAT-LLM's angular layer importance, accumulated over calibration batches."""
+
+from __future__ import annotations
+
+import math
+
+from ._backend import as_work, device_of, library_name, namespace
+from ._validation import check_array, check_finite
+
+__all__ = ["AngularImportance", "angular_importance", "MODES"]
+
+MODES = ("paper", "reference")
+
+
+def _check_pair(x_in, x_out):
+    xp = check_array("x_in", x_in, min_ndim=1)
+    check_array("x_out", x_out, min_ndim=1)
+    xp = namespace(x_in, x_out)
+    if tuple(x_in.shape) != tuple(x_out.shape):
+        raise ValueError(f"x_in and x_out must have the same shape, got {tuple(x_in.shape)} and {tuple(x_out.shape)}")
+    if x_in.shape[-1] == 0:
+        raise ValueError("x_in has an empty hidden dimension")
+    check_finite("x_in", x_in, xp)
+    check_finite("x_out", x_out, xp)
+    return xp
+
+
+def _token_sums(x_in, x_out, xp):
+    """Per-batch sums: cosines of defined tokens, their count, reference angles, token count."""
+    a = as_work(x_in, xp)
+    b = as_work(x_out, xp)
+    # scale each token by its max-abs entry first: no overflow or underflow in the norms
+    sa = xp.max(xp.abs(a), axis=-1, keepdims=True)
+    sb = xp.max(xp.abs(b), axis=-1, keepdims=True)
+    defined = (sa[..., 0] > 0) & (sb[..., 0] > 0)
+    one = xp.ones((), dtype=a.dtype, device=device_of(a))
+    a = a / xp.where(sa > 0, sa, one)
+    b = b / xp.where(sb > 0, sb, one)
+    norms = xp.linalg.vector_norm(a, axis=-1) * xp.linalg.vector_norm(b, axis=-1)
+    cos = xp.vecdot(a, b, axis=-1) / xp.where(defined, norms, one)
+    cos = xp.clip(cos, min=-1.0, max=1.0)  # rounding can leave |cos| a few ulps above 1
+    zero = xp.zeros((), dtype=a.dtype, device=device_of(a))
+    cos_sum = xp.sum(xp.where(defined, cos, zero))
+    n_defined = xp.sum(xp.astype(defined, a.dtype))
+    # the public reference code: NaN (zero norm) -> 0.5, clamp to [0, 1], then the angle per token
+    ref_cos = xp.clip(xp.where(defined, cos, 0.5 * one), min=0.0, max=1.0)
+    angle_sum = xp.sum(xp.acos(ref_cos)) / math.pi
+    return cos_sum, n_defined, angle_sum, math.prod(cos.shape)
+
+
+class AngularImportance:
+    r"""Streaming accumulator of FLAT-LLM's layer importance for one decoder layer.
+
+    Feed it the layer's input and output hidden states batch by batch with
+    :meth:`update`, combine accumulators from different workers with
+    :meth:`merge`, and read :meth:`value` (or :attr:`importance`).
+
+    Parameters
+    ----------
+    mode : {"paper", "reference"}
+        Which definition :attr:`importance` reports (both are accumulated):
+
+        ``"paper"`` (default), FLAT-LLM Eq. 7: the mean cosine first, then the
+        angle, :math:`t_l = \arccos(\bar c_l)/\pi` with
+        :math:`\bar c_l = \operatorname{mean}_p \cos(x_{\mathrm{in},p}, x_{\mathrm{out},p})`
+        over the tokens where both vectors are non-zero. Tokens with a zero
+        vector have no angle and are left out of the mean (padding tokens of
+        zeros then do not bias the score); when no token has one, the
+        importance is undefined and :meth:`value` raises.
+
+        ``"reference"``: what the authors' public code computes: per token
+        cosine, a zero-norm token's NaN replaced by 0.5, clamped to
+        :math:`[0, 1]`, the angle :math:`\arccos(c_p)/\pi` per token, then the
+        mean of the angles over all tokens. Clamping maps opposite vectors to
+        0.5 instead of 1, and since :math:`\arccos` is concave on
+        :math:`[0, 1]`, the mean of angles is at most the angle of the mean.
+
+    Attributes
+    ----------
+    tokens : int
+        Tokens seen.
+
+    Notes
+    -----
+    FLAT-LLM (Tian et al., 2025), Section 4.2, Eq. 7. Both modes lie in
+    :math:`[0, 1]` and are invariant to positive scaling of either hidden state
+    (per token, too). The running sums are 0-d float64 arrays on the device of
+    the first batch, so :meth:`update` never synchronises with the device for
+    the result (only the finiteness check reads a flag).
+
+    Examples
+    --------
+    >>> import numpy as np, lrmath
+    >>> rng = np.random.default_rng(0)
+    >>> acc = lrmath.AngularImportance()
+    >>> for _ in range(3):
+    ...     x = rng.standard_normal((2, 16, 8))
+    ...     _ = acc.update(x, x + 0.1 * rng.standard_normal(x.shape))
+    >>> 0.0 < float(acc.importance) < 0.1
+    True
+    """
+
+    def __init__(self, mode: str = "paper"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.tokens = 0
+        self._cos_sum = None
+        self._defined = None
+        self._angle_sum = None
+        self._where = None  # (library, device name, namespace, device) of the first batch
+
+    def update(self, x_in, x_out) -> "AngularImportance":
+        """Add a batch of hidden states of shape (..., tokens, hidden); returns ``self``.
+
+        Any leading dimensions are batch dimensions; the inputs are not modified.
+        """
+        xp = _check_pair(x_in, x_out)
+        where = (library_name(x_in), str(device_of(x_in)), xp, device_of(x_in))
+        self._check_where(where)
+        if math.prod(x_in.shape[:-1]) == 0:
+            return self
+        cos_sum, n_defined, angle_sum, n = _token_sums(x_in, x_out, xp)
+        self._add(where, cos_sum, n_defined, angle_sum, n)
+        return self
+
+    def _check_where(self, where) -> None:
+        if self._where is not None and where[:2] != self._where[:2]:
+            raise TypeError(f"this accumulator holds {self._where[0]} sums on {self._where[1]}; "
+                            f"got {where[0]} data on {where[1]}: use one library and device")
+
+    def _add(self, where, cos_sum, n_defined, angle_sum, n: int) -> None:
+        if self._cos_sum is None:
+            self._where = where
+            self._cos_sum, self._defined, self._angle_sum = cos_sum, n_defined, angle_sum
+        else:
+            self._cos_sum = self._cos_sum + cos_sum
+            self._defined = self._defined + n_defined
+            self._angle_sum = self._angle_sum + angle_sum
+        self.tokens += n
+
+    def merge(self, other: "AngularImportance") -> "AngularImportance":
+        """Add another accumulator's tokens to this one (``other`` is unchanged); returns ``self``."""
+        if not isinstance(other, AngularImportance):
+            raise TypeError(f"other must be an AngularImportance, got {type(other).__name__}")
+        if other._cos_sum is not None:
+            self._check_where(other._where)
+            self._add(other._where, other._cos_sum, other._defined, other._angle_sum, other.tokens)
+        return self
+
+    def value(self, mode: str | None = None):
+        """The importance in ``mode`` (default: the accumulator's), a 0-d float64 array in [0, 1]."""
+        mode = self.mode if mode is None else mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self._cos_sum is None or self.tokens == 0:
+            raise ValueError("no tokens accumulated: the importance is undefined")
+        xp, device = self._where[2], self._where[3]
+        if mode == "reference":
+            out = self._angle_sum / self.tokens
+        else:
+            if not float(self._defined) > 0:
+                raise ValueError("every token had a zero hidden state: the angle is undefined (mode='paper')")
+            mean_cos = xp.clip(xp.asarray(self._cos_sum / self._defined), min=-1.0, max=1.0)
+            out = xp.acos(mean_cos) / math.pi
+        # numpy reductions give scalars: return a 0-d array of the input's library
+        return xp.asarray(out, device=device)
+
+    @property
+    def importance(self):
+        """:meth:`value` in the accumulator's mode."""
+        return self.value()
+
+    @property
+    def skipped(self) -> int:
+        """Tokens left out of the paper-mode mean because a hidden state was zero."""
+        return 0 if self._defined is None else self.tokens - int(round(float(self._defined)))
+
+
+def angular_importance(x_in, x_out, *, mode: str = "paper"):
+    r"""FLAT-LLM layer importance :math:`t_l = \arccos(\operatorname{mean}_p \cos(x_{\mathrm{in},p}, x_{\mathrm{out},p}))/\pi`.
+
+    Parameters
+    ----------
+    x_in, x_out : array, shape (..., tokens, hidden)
+        Input and output hidden states of one decoder layer (same shape; any
+        leading batch dimensions; numpy, torch or cupy).
+    mode : {"paper", "reference"}
+        ``"paper"``: arccos of the mean cosine (Eq. 7), zero-norm tokens left
+        out. ``"reference"``: mean of per-token clamped angles, as the public
+        code. See :class:`AngularImportance`.
+
+    Returns
+    -------
+    array, shape ()
+        The importance in [0, 1], float64 on the library and device of ``x_in``.
+
+    Raises
+    ------
+    ValueError
+        Shapes differ, NaN/Inf in the inputs, no token given, or (paper mode)
+        every token has a zero hidden state.
+
+    Notes
+    -----
+    FLAT-LLM (Tian et al., 2025), Section 4.2. One-shot form of
+    :class:`AngularImportance`; use the accumulator for calibration sets that
+    do not fit in memory: the result is the same.
+
+    Examples
+    --------
+    >>> import numpy as np, lrmath
+    >>> x = np.array([[1.0, 0.0], [0.0, 2.0]])
+    >>> float(lrmath.angular_importance(x, x)), float(lrmath.angular_importance(x, x[:, ::-1]))
+    (0.0, 0.5)
+    """
+    return AngularImportance(mode).update(x_in, x_out).importance
