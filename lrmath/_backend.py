@@ -161,3 +161,23 @@ def from_numpy(a: np.ndarray, like, xp=None, dtype=None):
 
         return torch.as_tensor(a, device=device_of(like), dtype=dtype)
     return xp.asarray(a, device=device_of(like), dtype=dtype)
+
+
+def column_pivots(A, k: int):
+    """Column-pivoted QR of the 2-D array ``A``: its first ``k`` pivots and ``|diag R|`` (host).
+
+    The standard has no pivoted QR.  The choice is a small *decision* (``k``
+    indices), so it is made on a float64 host copy with LAPACK ``geqp3`` through
+    :func:`scipy.linalg.qr`; the caller keeps the heavy arithmetic on its device.
+    Returns ``(pivots[:k], |diag R|)`` as int64 / float64 numpy arrays.
+    """
+    from scipy.linalg import qr as _qr
+
+    A_host = np.asarray(to_numpy(A), dtype=np.float64)
+    if k == 0 or A_host.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    R, pivots = _qr(A_host, mode="r", pivoting=True, check_finite=False)
+    return np.asarray(pivots[:k], dtype=np.int64), np.abs(np.diag(R))
+
+
+__all__ += ["column_pivots"]
