@@ -1,0 +1,228 @@
+"""Attention with a value head dim smaller than the query/key head dim (FLAT-LLM V/O).
+
+FLAT-LLM folds a per-KV-head basis ``Q_g`` (d_h, r) into the value and output
+projections::
+
+    W_v,g <- Q_g^T W_v,g          (rows of KV head g; the bias likewise)
+    W_o,h <- W_o,h Q_{g(h)}       (columns of query head h, g(h) = h // (H / G))
+
+so each head's values live in ``r`` dimensions, while queries and keys keep
+``d_h`` (RoPE and the softmax scale are untouched).  At full rank with an
+orthogonal ``Q_g`` the model is unchanged, because ``Q_g Q_g^T = I``.
+
+How the forward is changed
+--------------------------
+The transformers decoders (llama, mistral, qwen2; 5.x) compute::
+
+    value_states = self.v_proj(x).view(hidden_shape).transpose(1, 2)
+
+with ``hidden_shape = (*input_shape, -1, self.head_dim)``; everything after
+that line already accepts a value dim different from the key dim (the
+caches store ``value_states.shape[-1]``, eager attention is two matmuls and
+the SDPA integration reshapes its output with ``value.shape[-1]``).  So the
+only piece changed is that one reshape: a forward hook on ``v_proj`` tags its
+output as :class:`ValueHeads`, a tensor whose head split ``view(..., -1, d_h)``
+yields ``(..., G, r)`` heads instead.  Any other operation on the tagged tensor
+returns a plain tensor.  A forward pre-hook on the attention module re-installs
+the tag if ``v_proj`` is replaced later.  No decoder code is copied; the full-rank
+tests compare against the unmodified model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from .specs import ArchSpec, get_spec, iter_layers
+
+__all__ = [
+    "ValueHeads",
+    "fold_value_output",
+    "set_value_head_dim",
+    "get_value_head_dim",
+    "value_head_dims",
+]
+
+
+def _split_request(tensor: torch.Tensor, shape: tuple, num_heads: int, head_dim: int) -> bool:
+    """Whether ``shape`` is the per-head split ``(*lead, -1 or G, d_h)`` of ``tensor``."""
+    if len(shape) != tensor.dim() + 1 or shape[-1] != head_dim or shape[-2] not in (-1, num_heads):
+        return False
+    lead = shape[:-2]
+    # Lead dims must name the tensor's own lead dims (at most one inferred with -1).
+    inferred = sum(1 for s in (*lead, shape[-2]) if s == -1)
+    return inferred <= 1 and all(s in (-1, t) for s, t in zip(lead, tensor.shape[:-1]))
+
+
+class ValueHeads(torch.Tensor):
+    """A ``v_proj`` output of width ``G r`` whose head split yields ``r``-dim heads.
+
+    ``view`` / ``reshape`` to ``(*lead, -1, d_h)`` (the attention forward's
+    ``hidden_shape``) return ``(*lead, G, r)``; every other operation returns a
+    plain :class:`torch.Tensor`, so the tag never outlives the reshape.
+    """
+
+    _lrmath_heads: tuple[int, int, int]  # (G, r, d_h)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if func in (torch.Tensor.view, torch.Tensor.reshape) and isinstance(args[0], cls) and not kwargs:
+                tensor, shape = args[0], args[1:]
+                if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+                    shape = tuple(shape[0])
+                num_heads, value_dim, head_dim = tensor._lrmath_heads
+                if _split_request(tensor, shape, num_heads, head_dim):
+                    return func(tensor, (*tensor.shape[:-1], num_heads, value_dim))
+            return func(*args, **kwargs)
+
+
+def _tag_value_heads(module: nn.Module, args: Any, output: torch.Tensor, *, heads: tuple[int, int, int]):
+    # Forward hook on v_proj: the attention's head split will see r-dim heads.
+    tagged = output.as_subclass(ValueHeads)
+    tagged._lrmath_heads = heads
+    return tagged
+
+
+def _is_tag_hook(hook: Any) -> bool:
+    return isinstance(hook, functools.partial) and hook.func is _tag_value_heads
+
+
+def _ensure_value_tag(attn: nn.Module, args: Any) -> None:
+    # Forward pre-hook on the attention module: (re)install the v_proj tag.
+    value_dim = attn.value_head_dim
+    heads = (attn.v_proj.out_features // value_dim, value_dim, attn.head_dim)
+    hooks = attn.v_proj._forward_hooks
+    current = [key for key, hook in hooks.items() if _is_tag_hook(hook)]
+    if len(current) == 1 and hooks[current[0]].keywords["heads"] == heads:
+        return
+    for key in current:
+        del hooks[key]
+    attn.v_proj.register_forward_hook(functools.partial(_tag_value_heads, heads=heads))
+
+
+def _remove_hooks(attn: nn.Module) -> None:
+    for key in [k for k, hook in attn._forward_pre_hooks.items() if hook is _ensure_value_tag]:
+        del attn._forward_pre_hooks[key]
+    hooks = attn.v_proj._forward_hooks
+    for key in [k for k, hook in hooks.items() if _is_tag_hook(hook)]:
+        del hooks[key]
+
+
+def _head_counts(attn_module: nn.Module) -> tuple[int, int]:
+    # Query heads H and key/value heads G, from the module's own config.
+    config = attn_module.config
+    num_heads = int(config.num_attention_heads)
+    return num_heads, int(getattr(config, "num_key_value_heads", None) or num_heads)
+
+
+def get_value_head_dim(attn_module: nn.Module) -> int:
+    """Current value head dim of an attention module (``head_dim`` when unreduced)."""
+    return int(getattr(attn_module, "value_head_dim", attn_module.head_dim))
+
+
+def set_value_head_dim(attn_module: nn.Module, value_head_dim: int) -> None:
+    """Make ``attn_module`` run with ``value_head_dim``-dim value heads.
+
+    Parameters
+    ----------
+    attn_module : nn.Module
+        A decoder attention module (``LlamaAttention`` and kin) whose
+        ``v_proj`` already emits ``G * value_head_dim`` features and whose
+        ``o_proj`` reads ``H * value_head_dim``.
+    value_head_dim : int
+        ``r`` in ``[1, head_dim]``; ``head_dim`` restores the unmodified forward.
+
+    Notes
+    -----
+    Sets the attribute ``value_head_dim`` and installs the hooks described in
+    the module docstring.  Idempotent.  :func:`fold_value_output` calls it;
+    call it directly only when rebuilding a reduced model from its parts.
+    """
+    head_dim = int(attn_module.head_dim)
+    value_head_dim = int(value_head_dim)
+    if not 1 <= value_head_dim <= head_dim:
+        raise ValueError(f"value_head_dim {value_head_dim} outside [1, head_dim={head_dim}]")
+    num_heads, num_kv_heads = _head_counts(attn_module)
+    v_out = attn_module.v_proj.out_features
+    o_in = attn_module.o_proj.in_features
+    if (v_out, o_in) != (num_kv_heads * value_head_dim, num_heads * value_head_dim):
+        raise ValueError(
+            f"v_proj emits {v_out} and o_proj reads {o_in} features: not whole heads of {value_head_dim} "
+            f"({num_kv_heads} value heads, {num_heads} query heads)"
+        )
+    _remove_hooks(attn_module)
+    if value_head_dim == head_dim:
+        if "value_head_dim" in vars(attn_module):
+            del attn_module.value_head_dim
+        return
+    attn_module.value_head_dim = value_head_dim
+    attn_module.register_forward_pre_hook(_ensure_value_tag)
+    _ensure_value_tag(attn_module, ())
+
+
+def fold_value_output(attn_module: nn.Module, spec: ArchSpec, bases: Any) -> None:
+    """Fold per-KV-head value bases into ``v_proj`` / ``o_proj`` (FLAT-LLM V/O).
+
+    Parameters
+    ----------
+    attn_module : nn.Module
+        Attention module with dense ``nn.Linear`` ``v_proj`` and ``o_proj``.
+    spec : ArchSpec
+        Gives ``H``, ``G`` and the GQA map ``g(h) = h // (H / G)``.
+    bases : array (G, d, r)
+        Numpy or torch; ``bases[g]`` spans the kept value subspace of KV head
+        ``g`` (``d`` is the current value head dim, ``d_h`` the first time).
+
+    Notes
+    -----
+    ``W_v,g <- Q_g^T W_v,g``, ``b_v,g <- Q_g^T b_v,g``,
+    ``W_o,h <- W_o,h Q_{g(h)}`` (``b_o`` unchanged); computed in float64 and
+    cast back to the module's dtype.  Both linears are replaced by narrower
+    ``nn.Linear`` modules, then :func:`set_value_head_dim` makes the attention
+    run with ``r``-dim values (the V cache shrinks by ``r / d``).
+    Tian et al., FLAT-LLM, arXiv 2505.23966, Sec. 3.
+    """
+    v_proj, o_proj = attn_module.v_proj, attn_module.o_proj
+    for name, module in (("v_proj", v_proj), ("o_proj", o_proj)):
+        if type(module) is not nn.Linear:
+            raise TypeError(f"{name} is a {type(module).__name__}; fold V/O before any other surgery on it")
+    g_heads, h_heads = spec.num_kv_heads, spec.num_heads
+    value_dim = get_value_head_dim(attn_module)
+    device = v_proj.weight.device
+    basis = torch.as_tensor(bases).to(dtype=torch.float64, device=device)
+    if basis.shape[:2] != (g_heads, value_dim) or basis.dim() != 3:
+        raise ValueError(f"bases must be (G={g_heads}, d={value_dim}, r), got {tuple(basis.shape)}")
+    rank = basis.shape[2]
+    with torch.no_grad():
+        w_v = v_proj.weight.to(torch.float64).reshape(g_heads, value_dim, -1)
+        new_v = nn.Linear(v_proj.in_features, g_heads * rank, bias=v_proj.bias is not None,
+                          device=device, dtype=v_proj.weight.dtype)
+        new_v.weight.copy_(torch.einsum("gdr,gdn->grn", basis, w_v).reshape(g_heads * rank, -1))
+        if v_proj.bias is not None:
+            b_v = v_proj.bias.to(torch.float64).reshape(g_heads, value_dim)
+            new_v.bias.copy_(torch.einsum("gdr,gd->gr", basis, b_v).reshape(-1))
+        kv_of_head = torch.arange(h_heads, device=device) // spec.group_size
+        w_o = o_proj.weight.to(torch.float64).reshape(o_proj.out_features, h_heads, value_dim)
+        new_o = nn.Linear(h_heads * rank, o_proj.out_features, bias=o_proj.bias is not None,
+                          device=device, dtype=o_proj.weight.dtype)
+        new_o.weight.copy_(torch.einsum("ohd,hdr->ohr", w_o, basis[kv_of_head]).reshape(o_proj.out_features, -1))
+        if o_proj.bias is not None:
+            new_o.bias.copy_(o_proj.bias)
+    attn_module.v_proj, attn_module.o_proj = new_v, new_o
+    set_value_head_dim(attn_module, rank)
+
+
+def value_head_dims(model: nn.Module, spec: ArchSpec | None = None) -> dict[int, int]:
+    """``{layer: r}`` for every layer whose value head dim was reduced."""
+    spec = spec or get_spec(model)
+    dims = {}
+    for index, layer in iter_layers(model, spec):
+        attn = layer.get_submodule(spec.attention_path)
+        if "value_head_dim" in vars(attn):
+            dims[index] = int(attn.value_head_dim)
+    return dims
