@@ -63,14 +63,12 @@ def iprs_allocate(importance, budget: float, cap: float = 1.0):
     at ``cap`` and remove it from :math:`A`, subtracting its ``cap`` from the
     budget; repeat until nothing exceeds the cap.
 
-    The paper presents this as solving the Euclidean projection of
-    :math:`\hat w = tB/\sum t` onto :math:`\{w \in [0,1]^L : \sum w = B\}` (Eq. 8).
-    It does not in general (:func:`capped_simplex_projection` does; see
-    ``docs/theorems/capped-simplex-projection.md``). What it computes exactly is
+    The paper presents this as the Euclidean projection of :math:`\hat w = tB/\sum t`
+    onto :math:`\{w \in [0,1]^L : \sum w = B\}` (Eq. 8); it is not in general
+    (:func:`capped_simplex_projection` is). It computes exactly
     :math:`w_l = \min(s\, t_l, \mathrm{cap})` with the unique :math:`s` giving
-    :math:`\sum_l w_l = B`: the projection in the metric
-    :math:`\sum_l (w_l - \hat w_l)^2 / t_l`, i.e. caps plus *proportional*
-    rescaling of the rest, where the Euclidean projection *shifts* the rest.
+    :math:`\sum_l w_l = B`: caps plus proportional *rescaling* of the rest, where the
+    projection *shifts* the rest (``docs/methods/iprs.md``).
 
     Where the published algorithm would divide 0 by 0 (budget left over after
     every positive-importance layer is capped), the remainder is split evenly
@@ -142,8 +140,8 @@ def capped_simplex_projection(v, total: float, lower=0.0, upper=1.0):
     total : float
         Required sum, ``sum(lower) <= total <= sum(upper)``.
     lower, upper : float or array of shape (L,)
-        Bounds, ``lower <= upper``. One side may be infinite (``upper=inf``
-        gives the plain simplex), not both for the same entry.
+        Bounds, ``lower <= upper``. One of them may hold infinities
+        (``upper=inf`` gives the plain simplex), not both.
 
     Returns
     -------
@@ -154,24 +152,19 @@ def capped_simplex_projection(v, total: float, lower=0.0, upper=1.0):
     Raises
     ------
     ValueError
-        Non-finite ``v`` or ``total``, NaN bounds, ``lower > upper``, an entry with
-        both bounds infinite, or ``total`` outside ``[sum(lower), sum(upper)]``.
+        Non-finite ``v`` or ``total``, NaN bounds, ``lower > upper``, infinities
+        in both bounds, or ``total`` outside ``[sum(lower), sum(upper)]``.
 
     Notes
     -----
-    The KKT conditions of :math:`\min \tfrac12\|w - v\|^2` over this set say
-    :math:`w_i = \mathrm{clip}(v_i - \tau, l_i, u_i)` for one multiplier :math:`\tau`
-    (strictly convex objective: the solution is unique). The sum
-    :math:`f(\tau) = \sum_i \mathrm{clip}(v_i - \tau, l_i, u_i)` is continuous,
-    piecewise linear and non-increasing with breakpoints :math:`v_i - u_i` and
-    :math:`v_i - l_i`. They are sorted, :math:`f` is evaluated at all of them
-    through prefix sums, the segment containing ``total`` is found by binary
-    search, and :math:`\tau` is solved for exactly on it from direct sums over
-    the free entries: :math:`O(L \log L)`, no iteration tolerance.
-
-    This is the problem FLAT-LLM's Eq. 8 states; its Algorithm 1
-    (:func:`iprs_allocate`) solves it only in special cases. Runs on a host
-    copy (``L`` is a count of layers or heads).
+    KKT: :math:`w_i = \mathrm{clip}(v_i - \tau, l_i, u_i)` for the one :math:`\tau` where
+    the non-increasing, piecewise linear sum hits ``total``. Its breakpoints
+    :math:`v_i - u_i`, :math:`v_i - l_i` are sorted, the sum is evaluated at all of
+    them by prefix sums, and :math:`\tau` is solved for exactly on the segment
+    found: :math:`O(L \log L)`, no iteration tolerance. Runs on a host copy
+    (``L`` counts layers or heads). This is the problem FLAT-LLM's Eq. 8 states;
+    its Algorithm 1 (:func:`iprs_allocate`) does not solve it in general. See
+    ``docs/theorems/capped-simplex-projection.md``.
 
     Examples
     --------
@@ -187,17 +180,18 @@ def capped_simplex_projection(v, total: float, lower=0.0, upper=1.0):
     lo, up = _bound("lower", lower, L), _bound("upper", upper, L)
     if np.any(lo > up):
         raise ValueError("lower must be <= upper elementwise")
-    if np.any(np.isinf(lo) & np.isinf(up)) or np.any(lo == np.inf) or np.any(up == -np.inf):
-        raise ValueError("each entry needs a finite lower or upper bound (lower=-inf with upper=inf is unbounded)")
-    scale = max(abs(total), float(np.max(np.abs(np.concatenate([lo, up])[np.isfinite(np.concatenate([lo, up]))]),
-                                           initial=0.0)))
-    slack = 8 * max(L, 1) * dtype_eps(np.float64) * max(scale, 1.0)
+    if np.any(np.isinf(lo)) and np.any(np.isinf(up)) or np.any(lo == np.inf) or np.any(up == -np.inf):
+        raise ValueError("lower and upper cannot both hold infinities: keep one side finite "
+                         "(e.g. upper=inf for the plain simplex)")
+    bounds = np.concatenate([lo, up])
+    scale = max(abs(total), float(np.max(np.abs(bounds[np.isfinite(bounds)]), initial=0.0)), 1.0)
+    slack = 8 * max(L, 1) * dtype_eps(np.float64) * scale
     low_sum, up_sum = math.fsum(lo), math.fsum(up)
     if not low_sum - slack <= total <= up_sum + slack:
         raise ValueError(f"total = {total} is outside [sum(lower), sum(upper)] = [{low_sum}, {up_sum}]")
     if L == 0:
         return _to_work(x, v)
-    # an infinite bound can be replaced by the one the others imply (same feasible set)
+    # an infinite bound can be replaced by the one the other side implies (same feasible set)
     if np.any(np.isinf(up)):
         up = np.minimum(up, total - (low_sum - lo))
     if np.any(np.isinf(lo)):
@@ -269,7 +263,7 @@ class RankAllocation(NamedTuple):
 
 
 def _group_spectra(spectra):
-    """Host float64 copies of each group's spectrum, the array to return results like, and the dtype."""
+    """Host float64 copies of each group's spectrum, and the array whose library results take."""
     if hasattr(spectra, "shape"):
         xp = check_array("spectra", spectra, ndim=2)
         _check_spectrum("spectra", spectra, xp)
@@ -359,9 +353,9 @@ def allocate_ranks(spectra, budget: float, *, cost=None, multiple: int = 1, min_
       fractional block, so ``OPT - greedy <= LP - greedy <= gain of that block``.
       ``gap`` reports ``LP - greedy``. See ``docs/theorems/spectrum-allocation.md``.
 
-    Spectra entries negative within rounding count as 0, and values are
-    smoothed to their running minimum for the ordering only. Runs on a host
-    copy: ranks are small discrete decisions.
+    Spectra entries negative within rounding count as 0, and the walk uses the
+    running minimum of each spectrum (a no-op on sorted input); ``dropped`` uses
+    the values as given. Runs on a host copy: ranks are small discrete decisions.
 
     Examples
     --------
@@ -417,27 +411,34 @@ def allocate_ranks(spectra, budget: float, *, cost=None, multiple: int = 1, min_
     order = np.lexsort((grp, -ratio))
     order = order[gain[order] > 0]
 
-    ranks = start.copy()
+    capacity = budget - float(base)
+    # every block up to the first that does not fit is bought (vectorised), then the walk goes on
+    spent = np.cumsum(block_cost[order])
+    n_fit = int(np.searchsorted(spent, capacity, side="right"))
+    taken = order[:n_fit].tolist()  # blocks bought, in order
+    ranks = start + m * np.bincount(grp[order[:n_fit]], minlength=G).astype(np.int64)
+    remaining = capacity - (float(spent[n_fit - 1]) if n_fit else 0.0)
     closed = np.zeros(G, dtype=bool)
-    remaining = budget - float(base)
-    taken = []  # (group, gain) of every block bought, in order
-    for i in order.tolist():
+    cheapest = float(block_cost.min()) if block_cost.size else math.inf
+    for i in order[n_fit:].tolist():
+        if remaining < cheapest:
+            break
         g = int(grp[i])
         if closed[g]:
             continue
         if block_cost[i] <= remaining:
             ranks[g] += m
             remaining -= block_cost[i]
-            taken.append((g, float(gain[i])))
+            taken.append(i)
         else:
             closed[g] = True
-    # the running float subtraction may round: verify the budget exactly, undo if needed
+    # float sums may round: verify the budget exactly, return the last blocks if needed
     while taken and sum(Fraction(float(c[g])) * int(ranks[g]) for g in range(G)) > Fraction(budget):
-        ranks[taken.pop()[0]] -= m
+        ranks[int(grp[taken.pop()])] -= m
 
     equal_costs = bool(np.all(block_cost == block_cost[0])) if block_cost.size else True
-    greedy = math.fsum(gv for _, gv in taken)
-    gap = 0.0 if equal_costs else _lp_gap(gain[order], block_cost[order], budget - float(base), greedy)
+    greedy = math.fsum(gain[taken])
+    gap = 0.0 if equal_costs else _lp_gap(gain[order], block_cost[order], capacity, greedy)
     dropped = math.fsum(math.fsum(np.clip(s[int(r):], 0.0, None)) for s, r in zip(groups, ranks))
     return RankAllocation(
         ranks=from_numpy(ranks, like, xp, dtype=xp.int64),

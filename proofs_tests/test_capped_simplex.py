@@ -189,7 +189,8 @@ def test_plain_simplex_and_fixed_entries():
         (np.array([1.0, np.nan]), 1.0, {}, "v contains NaN"),
         (np.ones(3), 1.0, {"lower": 2.0, "upper": 1.0}, "lower must be <= upper"),
         (np.ones(3), 1.0, {"lower": np.zeros(2)}, "lower must be a scalar or have shape"),
-        (np.ones(3), 1.0, {"lower": -np.inf, "upper": np.inf}, "finite lower or upper"),
+        (np.ones(3), 1.0, {"lower": -np.inf, "upper": np.inf}, "both hold infinities"),
+        (np.ones(2), 1.0, {"lower": np.array([-np.inf, 0.0]), "upper": np.array([0.0, np.inf])}, "both"),
         (np.ones((2, 2)), 1.0, {}, "v must be 1-dimensional"),
     ],
 )
