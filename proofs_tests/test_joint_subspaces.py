@@ -40,17 +40,27 @@ def head_stacks(draw, max_h=4, max_p=5, max_d=8):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matrices: torch's thread pool only adds contention on a shared CI machine."""
-    try:
-        import torch
-    except ImportError:
+def _one_thread():
+    """Tiny matrices: BLAS and torch thread pools only spin on a shared CI machine (100x slower)."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        try:
+            import scipy.linalg  # noqa: F401  (load its BLAS first: limits apply to loaded libraries)
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(1))
+        except ImportError:
+            pass
+        try:
+            import torch
+
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, before)
+        except ImportError:
+            pass
         yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def dense(Wq, Wk):

@@ -1,0 +1,236 @@
+"""Nystrom channel selection (FLAT-LLM appendix C): ridge leverage scores and the least-squares refit.
+
+Statements proved here, for ``C = H H^T`` (d channels, N tokens), kept set ``S`` and
+``R = C[:, S] (C[S, S] + lam I)^-1`` with ``lam = ridge * tr(C) / d``:
+
+* ``R`` is the ridge least-squares optimum: ``(C[S, S] + lam I) R^T = C[S, :]`` and no other
+  map ``M`` has a smaller ``||H - M H[S]||_F^2 + lam ||M||_F^2``; ``error`` and ``objective``
+  are that residual and that objective;
+* exactness: ``ridge = 0``, ``k = d`` gives ``R = I`` and zero error;
+* along the nested top-k selections the objective (the Nystrom error at ``ridge = 0``) never
+  increases, and ``||R||_F^2 <= d / ridge`` (no blow-up with few tokens);
+* the scores are ``diag(C (C + lam I)^-1)``, in ``[0, 1]``, summing to the effective dimension;
+* the relative ridge makes everything invariant to the scale of ``C``.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import lrmath
+from lrmath._backend import to_numpy
+from lrmath.testing import seeds, tolerance
+from proofs_tests.backends import BACKENDS, same_library, to_backend
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: BLAS and torch thread pools only spin on a shared CI machine (100x slower)."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        try:
+            import scipy.linalg  # noqa: F401  (load its BLAS first: limits apply to loaded libraries)
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(1))
+        except ImportError:
+            pass
+        try:
+            import torch
+
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, before)
+        except ImportError:
+            pass
+        yield
+
+
+@st.composite
+def channel_data(draw, *, full_rank=False, max_d=10, max_tokens=30):
+    """Channel activations H (d, N) like an MLP's intermediate: outlier channels, maybe few tokens."""
+    rng = np.random.default_rng(draw(seeds()))
+    d = draw(st.integers(1, max_d))
+    N = draw(st.integers(d + 2 if full_rank else 1, max_tokens + d))
+    H = rng.standard_normal((d, N))
+    if draw(st.booleans()):
+        H[rng.choice(d, size=max(1, d // 4), replace=False)] *= 10.0 ** draw(st.floats(0.5, 2.0))
+    H *= 10.0 ** draw(st.integers(-3, 3))
+    return H
+
+
+def ridge_objective(H, S, M, lam):
+    return float(np.sum((H - M @ H[S]) ** 2) + lam * np.sum(M**2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(H=channel_data(), data=st.data())
+def test_map_is_the_ridge_least_squares_optimum(backend, H, data):
+    d = H.shape[0]
+    k = data.draw(st.integers(0, d))
+    ridge = data.draw(st.sampled_from([1e-4, 1e-2, 1.0]))
+    C = H @ H.T
+    res = lrmath.nystrom_select(to_backend(C, backend), k, ridge=ridge)
+    assert same_library(res.reconstruction, to_backend(C, backend))
+    S, R = to_numpy(res.indices), to_numpy(res.reconstruction)
+    lam, total = res.lam, float(np.trace(C))
+    np.testing.assert_allclose(lam, ridge * total / d, rtol=1e-12)
+    assert S.shape == (k,) and R.shape == (d, k) and np.all(np.diff(S) > 0)
+    kappa = (np.linalg.eigvalsh(C)[-1] + lam) / lam
+    tol = tolerance(n=d * H.shape[1], kappa=kappa)
+    # normal equations (C_SS + lam I) R^T = C_S:
+    normal = (C[np.ix_(S, S)] + lam * np.eye(k)) @ R.T - C[S]
+    assert np.abs(normal).max(initial=0.0) <= tol * np.abs(C).max()
+    # the reported residual and objective are those of the returned map
+    J = ridge_objective(H, S, R, lam)
+    assert abs(float(res.error) - float(np.sum((H - R @ H[S]) ** 2))) <= tol * total
+    assert abs(float(res.objective) - J) <= tol * total
+    # no perturbed map does better (strictly convex objective: R is its minimiser)
+    E = np.random.default_rng(k).standard_normal(R.shape)
+    for step in (1e-3, 1e-1, 1.0):
+        M = R + step * E * np.sqrt(total / max(lam, 1e-300)) / max(np.sqrt(d * k), 1)
+        assert ridge_objective(H, S, M, lam) >= J - tol * total
+
+
+@given(H=channel_data(full_rank=True, max_d=8))
+def test_exact_at_full_selection_without_ridge(H):
+    C = H @ H.T
+    d = C.shape[0]
+    res = lrmath.nystrom_select(C, d, ridge=0.0)
+    np.testing.assert_array_equal(res.indices, np.arange(d))
+    tol = tolerance(n=d * H.shape[1], kappa=np.linalg.cond(C))
+    np.testing.assert_allclose(res.reconstruction, np.eye(d), rtol=0, atol=tol)
+    assert float(res.error) <= tol * np.trace(C)
+
+
+@given(H=channel_data(max_d=8), ridge=st.sampled_from([0.0, 1e-3, 1e-2, 1.0]))
+def test_nested_selection_objective_non_increasing(H, ridge):
+    """Adding channels never hurts: J(S) >= J(S + {j}); at ridge 0 this is the Nystrom error."""
+    C = H @ H.T
+    d = C.shape[0]
+    total = float(np.trace(C))
+    previous, values = set(), []
+    for k in range(d + 1):
+        try:
+            res = lrmath.nystrom_select(C, k, ridge=ridge)
+        except ValueError:  # ridge 0 with a singular C[S, S]: only possible beyond rank(C)
+            assert ridge == 0.0 and k > np.linalg.matrix_rank(C, tol=1e-8 * np.abs(C).max()) - 1
+            break
+        kept = set(to_numpy(res.indices).tolist())
+        assert previous <= kept  # nested
+        previous = kept
+        values.append(float(res.objective))
+        if ridge == 0.0:
+            assert float(res.error) == float(res.objective)
+        else:  # J(R) <= J(0) = tr C bounds the map: ||R||_F^2 <= d / ridge
+            assert float(np.sum(res.reconstruction**2)) <= (d / ridge) * (1 + 1e-9)
+    assert values[0] == total
+    kappa = 1.0 if ridge else max(np.linalg.cond(C), 1.0)
+    tol = tolerance(n=d * H.shape[1], kappa=min(kappa, 1e8))
+    assert all(b <= a + tol * total for a, b in zip(values, values[1:])), values
+
+
+@given(H=channel_data(), ridge=st.sampled_from([0.0, 1e-2, 1.0]), data=st.data())
+def test_scores_are_ridge_leverage_scores(H, ridge, data):
+    C = H @ H.T
+    d = C.shape[0]
+    # (the scores do not depend on k; at ridge 0 a k beyond rank(C) has no refit)
+    res = lrmath.nystrom_select(C, data.draw(st.integers(0, d)) if ridge else 0, ridge=ridge)
+    scores = np.asarray(res.scores)
+    assert np.all(scores >= -1e-12) and np.all(scores <= 1 + 1e-12)
+    mu = np.clip(np.linalg.eigvalsh(C), 0.0, None)
+    if ridge > 0:
+        lam = res.lam
+        reference = np.diag(np.linalg.solve(C + lam * np.eye(d), C))  # C symmetric: diag is the same
+        np.testing.assert_allclose(scores, reference, rtol=0, atol=tolerance(n=d, kappa=(mu[-1] + lam) / lam))
+        effective_dimension = np.sum(mu / (mu + lam))
+    else:
+        effective_dimension = np.sum(mu > 10 * d * np.finfo(float).eps * mu[-1])
+    np.testing.assert_allclose(scores.sum(), effective_dimension, rtol=tolerance(n=d), atol=1e-12)
+    # the kept channels are the top-k scores
+    kept = np.asarray(res.indices)
+    if 0 < len(kept) < d:
+        dropped = np.setdiff1d(np.arange(d), kept)
+        assert scores[kept].min() >= scores[dropped].max()
+
+
+@given(H=channel_data(), seed=seeds())
+def test_equivariant_under_channel_permutation(H, seed):
+    """Relabelling channels relabels scores; the kept set follows (ties aside)."""
+    C = H @ H.T
+    d = C.shape[0]
+    perm = np.random.default_rng(seed).permutation(d)
+    a = lrmath.nystrom_select(C, d // 2)
+    b = lrmath.nystrom_select(C[np.ix_(perm, perm)], d // 2)
+    np.testing.assert_allclose(b.scores, a.scores[perm], rtol=0, atol=tolerance(n=d))
+    np.testing.assert_allclose(float(b.objective), float(a.objective), rtol=0,
+                               atol=tolerance(n=d * H.shape[1], kappa=100.0) * np.trace(C))
+
+
+@given(H=channel_data(), scale_exp=st.integers(-6, 6), data=st.data())
+def test_relative_ridge_is_scale_invariant(H, scale_exp, data):
+    """C and c C (more tokens, another normalisation) give the same selection and map."""
+    C = H @ H.T
+    d = C.shape[0]
+    k = data.draw(st.integers(0, d))
+    c = 10.0**scale_exp
+    a = lrmath.nystrom_select(C, k)
+    b = lrmath.nystrom_select(c * C, k)
+    gaps = np.abs(np.subtract.outer(a.scores, a.scores))[~np.eye(d, dtype=bool)]
+    if gaps.size == 0 or gaps.min() > 1e-9:  # no near-ties: the same channels
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_allclose(b.reconstruction, a.reconstruction, rtol=0,
+                                   atol=tolerance(n=d, kappa=1 + d / 1e-2) * max(1.0, np.abs(a.reconstruction).max(initial=0.0)))
+    np.testing.assert_allclose(b.scores, a.scores, rtol=0, atol=tolerance(n=d, kappa=1e2))
+    np.testing.assert_allclose(b.lam, c * a.lam, rtol=1e-12)
+    np.testing.assert_allclose(float(b.objective), c * float(a.objective), rtol=0,
+                               atol=tolerance(n=d * H.shape[1], kappa=1e2) * c * np.trace(C))
+
+
+def test_few_tokens_refit_stays_bounded_with_relative_ridge():
+    """FLAT's failure mode: fewer tokens than channels. Undamped: refused; damped: bounded map."""
+    rng = np.random.default_rng(0)
+    H = rng.standard_normal((40, 12)) * np.where(rng.random(40) < 0.1, 300.0, 1.0)[:, None]
+    C = H @ H.T
+    with pytest.raises(ValueError, match="ridge"):
+        lrmath.nystrom_select(C, 30, ridge=0.0)
+    res = lrmath.nystrom_select(C, 30, ridge=1e-2)
+    assert float(np.sum(res.reconstruction**2)) <= 40 / 1e-2
+    assert float(res.error) <= 1e-2 * np.trace(C)
+
+
+def test_float32_and_torch_inputs():
+    torch = pytest.importorskip("torch")
+    H = np.random.default_rng(1).standard_normal((5, 20)).astype(np.float32)
+    assert lrmath.nystrom_select(H @ H.T, 2).reconstruction.dtype == np.float64
+    res = lrmath.nystrom_select(torch.from_numpy(H @ H.T), 2)
+    assert res.indices.dtype == torch.int64 and res.scores.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "C, k, ridge, match",
+    [
+        (np.ones((3, 4)), 1, 1e-2, "square"),
+        (np.ones((2, 3, 3)), 1, 1e-2, "2-dimensional"),
+        (np.array([[1.0, 2.0], [0.0, 1.0]]), 1, 1e-2, "symmetric"),
+        (np.array([[np.inf, 0.0], [0.0, 1.0]]), 1, 1e-2, "NaN"),
+        (np.diag([1.0, -1.0]), 1, 1e-2, "positive semidefinite"),
+        (np.eye(3), 4, 1e-2, "k = 4"),
+        (np.eye(3), -1, 1e-2, "k = -1"),
+        (np.eye(3), 1, -1.0, "ridge"),
+        (np.eye(3), 1, float("nan"), "ridge"),
+        (np.diag([1.0, 0.0, 0.0]), 2, 0.0, "ridge"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_argument(C, k, ridge, match):
+    with pytest.raises(ValueError, match=match):
+        lrmath.nystrom_select(C, k, ridge=ridge)
+
+
+def test_input_is_not_mutated():
+    H = np.random.default_rng(2).standard_normal((4, 9))
+    C = H @ H.T
+    before = C.copy()
+    lrmath.nystrom_select(C, 2)
+    np.testing.assert_array_equal(C, before)
