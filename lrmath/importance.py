@@ -13,9 +13,9 @@ MODES = ("paper", "reference")
 
 
 def _check_pair(x_in, x_out):
-    xp = check_array("x_in", x_in, min_ndim=1)
+    check_array("x_in", x_in, min_ndim=1)
     check_array("x_out", x_out, min_ndim=1)
-    xp = namespace(x_in, x_out)
+    xp = namespace(x_in, x_out)  # a TypeError naming both libraries if they differ
     if tuple(x_in.shape) != tuple(x_out.shape):
         raise ValueError(f"x_in and x_out must have the same shape, got {tuple(x_in.shape)} and {tuple(x_out.shape)}")
     if x_in.shape[-1] == 0:
