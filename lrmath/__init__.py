@@ -43,6 +43,7 @@ _EXPORTS = {
     "iprs_allocate": "allocation",
     "capped_simplex_projection": "allocation",
     "allocate_ranks": "allocation",
+    "RankAllocation": "allocation",
     # joint subspaces and MLP
     "joint_subspaces": "tucker",
     "JointSubspaces": "tucker",
