@@ -145,7 +145,7 @@ def oas(data, *, assume_centered: bool = False) -> ShrinkageResult:
 
 
 def shrink(C, shrinkage: float):
-    r"""Fixed-intensity shrinkage :math:`(1 - s) C + s \bar c I` with :math:`\bar c = \operatorname{mean}(\operatorname{diag} C)`.
+    r"""Fixed-intensity shrinkage :math:`(1 - s) C + s \bar c I`, :math:`\bar c = \operatorname{tr} C / p`.
 
     Parameters
     ----------

@@ -181,7 +181,8 @@ def test_naive_uncentred_formula_fails_where_moments_do_not():
 
 def test_torch_accumulator_on_numpy_update_raises_type_error():
     torch = pytest.importorskip("torch")
-    acc = lrmath.Moments(3).update(torch.zeros((2, 3), dtype=torch.float32))
+    acc = lrmath.Moments(3, device=torch.device("cpu")).update(torch.zeros((2, 3), dtype=torch.float32))
+    assert acc.covariance().dtype == torch.float64 and acc.covariance().device.type == "cpu"
     with pytest.raises(TypeError, match="numpy and torch"):
         acc.update(np.zeros((2, 3)))
     with pytest.raises(TypeError, match="numpy and torch"):
