@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -54,3 +56,14 @@ def tiny_model(arch: str, *, seed: int = 0, dtype=torch.float64, attn_implementa
 def token_batch(seed: int = 0, batch: int = 2, length: int = 9, vocab: int = 128) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=gen)
+
+
+def cache_of(output):
+    """The KV cache of a model or generate output (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def cache_kwarg(model) -> str:
+    """Name of the forward's cache argument in the installed transformers."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

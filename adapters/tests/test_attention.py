@@ -20,7 +20,7 @@ from lrmath_hf.attention import (
 from lrmath_hf.modules import count_parameters
 from lrmath_hf.specs import get_attention, get_spec, iter_layers
 
-from ._tiny_models import ARCHS, tiny_model, token_batch
+from ._tiny_models import ARCHS, cache_kwarg, cache_of, tiny_model, token_batch
 
 IMPLEMENTATIONS = ["eager"] + (["sdpa"] if "sdpa" in ALL_ATTENTION_FUNCTIONS else [])
 RTOL = 1e-10
@@ -93,7 +93,7 @@ def test_reduced_fold_equals_projected_values(arch, impl):
     assert _rel(out.logits, projected(ids).logits) < RTOL
     assert _rel(out.logits, model(ids).logits) > 1e-3  # truncation is visible
     assert value_head_dims(reduced) == dict.fromkeys(range(spec.num_layers), rank)
-    for layer_cache in out.past_key_values.layers:
+    for layer_cache in cache_of(out).layers:
         assert layer_cache.values.shape[-1] == rank
         assert layer_cache.keys.shape[-1] == spec.head_dim
 
@@ -113,13 +113,13 @@ def test_generate_with_reduced_cache_matches_no_cache(arch, impl):
         sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated.sequences, sequence)
     spec = get_spec(model)
-    for layer, layer_cache in enumerate(generated.past_key_values.layers):
+    for layer, layer_cache in enumerate(cache_of(generated).layers):
         assert layer_cache.values.shape[-1] == rank
         if spec.is_sliding(layer):  # the window bounds the cache: sliding attention is active
             assert layer_cache.values.shape[-2] < prompt.shape[1] + new_tokens
     # Incremental logits with the cache agree with a full recomputation.
-    cache = model(sequence[:, :-1], use_cache=True).past_key_values
-    step = model(sequence[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+    cache = cache_of(model(sequence[:, :-1], use_cache=True))
+    step = model(sequence[:, -1:], use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1]
     full = model(sequence, use_cache=False).logits[:, -1]
     assert _rel(step, full) < 1e-6  # float32 RMSNorm/softmax internals bound the agreement
 

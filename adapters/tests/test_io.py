@@ -18,7 +18,7 @@ from lrmath_hf.io import IncompatibleManifestError, build_skeleton, load_compres
 from lrmath_hf.modules import FactorizedLinear, HeadwiseProjection
 from lrmath_hf.specs import get_attention, get_linear, get_spec, set_linear
 
-from ._tiny_models import ARCHS, tiny_model, token_batch
+from ._tiny_models import ARCHS, cache_of, tiny_model, token_batch
 
 F64 = torch.float64
 
@@ -89,7 +89,7 @@ def test_round_trip_is_bit_exact(arch, compressed, tmp_path, monkeypatch):
     assert type(get_linear(loaded, 0, "q")) is HeadwiseProjection
     assert get_linear(loaded, 0, "down").block_identity
     # The reduced V cache survives the round trip.
-    cache = loaded(ids, use_cache=True).past_key_values
+    cache = cache_of(loaded(ids, use_cache=True))
     assert cache.layers[0].values.shape[-1] == 5 and cache.layers[1].values.shape[-1] == 16
 
     manifest = json.loads((folder / "manifest.json").read_text())
