@@ -124,6 +124,17 @@ def test_generate_with_reduced_cache_matches_no_cache(arch, impl):
     assert _rel(step, full) < 1e-6  # float32 RMSNorm/softmax internals bound the agreement
 
 
+def test_static_cache_generate_with_reduced_values():
+    """Static caches allocate values with their own head dim, so they shrink too."""
+    model = _no_eos(tiny_model("llama"))
+    _fold_all(model, rank=3)
+    prompt = token_batch(length=6)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+    static = model.generate(prompt, cache_implementation="static", return_dict_in_generate=True, **kwargs)
+    assert torch.equal(static.sequences, model.generate(prompt, **kwargs))
+    assert all(layer.values.shape[-1] == 3 for layer in cache_of(static).layers)
+
+
 def test_fold_shrinks_parameters_and_cache():
     model = tiny_model("llama")
     spec = get_spec(model)
