@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # statistics
     "Moments": "moments",
+    "PowerSums": "moments",
     "ledoit_wolf": "shrinkage",
     "oas": "shrinkage",
     "shrink": "shrinkage",

@@ -64,7 +64,10 @@ def symmetry_tolerance(C, xp) -> float:
 
 def dtype_eps(dtype) -> float:
     """Unit roundoff of a numpy / torch / cupy float dtype (by name, so no library is imported)."""
-    name = str(dtype).rsplit(".", 1)[-1]
+    try:
+        name = np.dtype(dtype).name  # numpy / cupy dtypes and scalar types
+    except TypeError:
+        name = str(dtype).rsplit(".", 1)[-1]  # torch.float32 -> "float32"
     return {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23}.get(name, 2.0**-52)
 
 

@@ -24,3 +24,10 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("LRMATH_HYPOTHESIS_PROFILE", "ci"))
+
+try:  # the proofs use small arrays: one thread avoids 10-50x slowdowns from thread handoffs on busy cores
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass

@@ -96,6 +96,26 @@ def test_float32_stream_with_large_mean_matches_float64_two_pass(backend, case):
     check_against_reference(acc, exact, shift)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=split_samples())
+def test_float32_gram_of_centred_batches_keeps_float32_accuracy_despite_large_mean(backend, case):
+    """gram_dtype=float32 rounds only each batch's centred product: the covariance error is
+    float32 rounding of the spread (n * eps32), whatever the mean; mean and merges stay exact."""
+    X, shift, parts, order = case
+    acc = lrmath.Moments(X.shape[1])
+    gram_dtype = np.float32 if backend == "numpy" else __import__("torch").float32
+    for i in order:
+        acc.update(to_backend(parts[i], backend), gram_dtype=gram_dtype)
+    mean, M2, _, _ = reference(X)
+    n = X.shape[0]
+    # the error scale is the spread (trace of the covariance), not the mean
+    spread = np.trace(M2) / n
+    tol32 = tolerance(np.float32, n=n)
+    np.testing.assert_allclose(to_numpy(acc.covariance()), M2 / n, rtol=0, atol=tol32 * spread + 1e-300)
+    np.testing.assert_allclose(to_numpy(acc.mean), mean, rtol=0,
+                               atol=tolerance(np.float64, n=n, kappa=1 + shift) * np.abs(X).max())
+
+
 @given(case=split_samples(max_n=40, max_p=6), batch_shape=st.sampled_from([(1,), (3,), (2, 2)]))
 def test_batch_shape_gives_independent_streams(case, batch_shape):
     """Per-head statistics: a batched accumulator equals one accumulator per head."""
