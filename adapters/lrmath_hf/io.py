@@ -125,7 +125,8 @@ def _replaced_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             continue
         module = model.get_submodule(name)
         same_kind = type(module) is type(ref_module)
-        if same_kind and module.weight.shape == ref_module.weight.shape:
+        same_bias = (module.bias is None) == (ref_module.bias is None) if same_kind else False
+        if same_kind and same_bias and module.weight.shape == ref_module.weight.shape:
             continue
         entries[name] = manifest_entry(module)
     return entries
@@ -386,6 +387,8 @@ def load_compressed(
         module = model.get_submodule(owner)
         setattr(module, leaf, getattr(module, leaf).to(dtype or getattr(torch, dtype_name)))
     model.to(device)
+    if dtype is not None:
+        model.config.dtype = dtype
     leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"tensors never loaded: {leftover[:5]}")
