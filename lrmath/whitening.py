@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._backend import as_work, cholesky_or_none, device_of, namespace, solve_triangular
-from ._validation import check_array, check_nonnegative_scalar, check_symmetric, dtype_eps
+from ._validation import check_array, check_finite, check_nonnegative_scalar, check_symmetric, dtype_eps
 
 __all__ = ["Whitener", "whiten", "METHODS", "CHOLESKY_SCHEDULE"]
 
@@ -128,6 +128,7 @@ class Whitener:
         xp = namespace(A, self.factor)
         if A.shape[-1] != self.dim:
             raise ValueError(f"{name} must have {self.dim} columns (the size of C), got shape {tuple(A.shape)}")
+        check_finite(name, A, xp)
         return as_work(A, xp)
 
 

@@ -231,6 +231,10 @@ def test_bad_operands_of_apply_and_solve(method):
         w.apply(np.ones((2, 4)))
     with pytest.raises(ValueError, match="Y must have 3 columns"):
         w.solve(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="W contains NaN"):
+        w.apply(np.full((2, 3), np.nan))
+    with pytest.raises(ValueError, match="Y contains NaN or Inf"):
+        w.solve(np.full((2, 3), np.inf))
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="numpy and torch"):
         w.apply(torch.ones(2, 3, dtype=torch.float64))
