@@ -21,8 +21,11 @@ _EXPORTS = {
     "get_spec": "specs",
     "ArchSpec": "specs",
     "perplexity": "evaluate",
+    "fold_value_output": "attention",
+    "FactorizedLinear": "modules",
+    "HeadwiseProjection": "modules",
 }
-_SUBMODULES = {"zoo", "specs", "modules", "attention", "io", "evaluate", "calibrate", "compress", "cli"}
+_SUBMODULES = {"zoo", "data", "specs", "modules", "attention", "io", "evaluate", "calibrate", "compress", "cli", "recipes"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES) + ["__version__"]
 
