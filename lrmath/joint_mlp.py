@@ -282,8 +282,7 @@ def _check_arrays(W_up, W_down, X, Y):
     for name, A in zip(("W_up", "W_down", "X", "Y"), arrays):
         if A is not None:
             check_finite(name, A, xp)
-    W_up = as_work(W_up, xp)
-    W_down, X, Y = (None if A is None else xp.astype(as_work(A, xp), W_up.dtype) for A in arrays[1:])
+    W_up, W_down, X, Y = (None if A is None else as_work(A, xp) for A in arrays)  # one device: one dtype
     return xp, W_up, W_down, X, Y
 
 
