@@ -50,7 +50,8 @@ _EXPORTS = {
     "JointSubspaces": "tucker",
     "nystrom_select": "nystrom",
     "NystromResult": "nystrom",
-    "joint_mlp": "joint_mlp",
+    "joint_mlp": "updown",
+    "JointMLPResult": "updown",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -31,3 +31,12 @@ try:  # the proofs use small arrays: one thread avoids 10-50x slowdowns from thr
     torch.set_num_threads(1)
 except ImportError:
     pass
+
+try:  # the same for the BLAS under numpy / scipy
+    from threadpoolctl import threadpool_limits
+
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS so the limit reaches it)
+
+    threadpool_limits(1)
+except ImportError:
+    pass

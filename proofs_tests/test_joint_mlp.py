@@ -11,7 +11,7 @@ Statements proved here:
 * the first point is the per-matrix activation-aware SVD; full ranks without damping are exact.
 """
 
-import importlib
+import lrmath.updown as updown
 
 import numpy as np
 import pytest
@@ -22,32 +22,7 @@ from lrmath._backend import to_numpy
 from lrmath.testing import seeds, tolerance
 from proofs_tests.backends import BACKENDS, same_library, to_backend
 
-_module = importlib.import_module("lrmath.joint_mlp")
-joint_mlp = _module.joint_mlp  # the function (the submodule has the same name)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: BLAS and torch thread pools only spin on a shared CI machine (100x slower)."""
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        try:
-            import scipy.linalg  # noqa: F401  (load its BLAS first: limits apply to loaded libraries)
-            from threadpoolctl import threadpool_limits
-
-            stack.enter_context(threadpool_limits(1))
-        except ImportError:
-            pass
-        try:
-            import torch
-
-            before = torch.get_num_threads()
-            torch.set_num_threads(1)
-            stack.callback(torch.set_num_threads, before)
-        except ImportError:
-            pass
-        yield
+from lrmath.updown import joint_mlp
 
 
 @st.composite
@@ -149,7 +124,7 @@ def test_relu_update_is_the_entrywise_minimiser(seed, shape, alpha, beta):
 
     rng = np.random.default_rng(seed)
     A, B = rng.standard_normal(shape) * 3, rng.standard_normal(shape) * 3
-    Z = _module._update_preactivation(A, B, alpha, beta, xp)
+    Z = updown._update_preactivation(A, B, alpha, beta, xp)
 
     def f(z):
         return alpha * (z - A[..., None]) ** 2 + beta * (B[..., None] - relu(z)) ** 2
@@ -173,7 +148,7 @@ def test_activation_update_solves_the_ridge_normal_equations(seed, dims, beta, g
     rng = np.random.default_rng(seed)
     L, R = rng.standard_normal((m, r)), rng.standard_normal((r, n))
     target, Y = rng.standard_normal((n, N)), rng.standard_normal((m, N))
-    Zp = _module._update_activation(target, (L, R), Y, beta, gamma, xp)
+    Zp = updown._update_activation(target, (L, R), Y, beta, gamma, xp)
     W = L @ R
     system = beta * np.eye(n) + gamma * W.T @ W
     rhs = beta * target + gamma * W.T @ Y

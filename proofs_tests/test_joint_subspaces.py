@@ -39,30 +39,6 @@ def head_stacks(draw, max_h=4, max_p=5, max_d=8):
     return Wq, Wk, ranks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: BLAS and torch thread pools only spin on a shared CI machine (100x slower)."""
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        try:
-            import scipy.linalg  # noqa: F401  (load its BLAS first: limits apply to loaded libraries)
-            from threadpoolctl import threadpool_limits
-
-            stack.enter_context(threadpool_limits(1))
-        except ImportError:
-            pass
-        try:
-            import torch
-
-            before = torch.get_num_threads()
-            torch.set_num_threads(1)
-            stack.callback(torch.set_num_threads, before)
-        except ImportError:
-            pass
-        yield
-
-
 def dense(Wq, Wk):
     return np.swapaxes(Wq, -1, -2) @ Wk
 

@@ -23,30 +23,6 @@ from lrmath.testing import seeds, tolerance
 from proofs_tests.backends import BACKENDS, same_library, to_backend
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: BLAS and torch thread pools only spin on a shared CI machine (100x slower)."""
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        try:
-            import scipy.linalg  # noqa: F401  (load its BLAS first: limits apply to loaded libraries)
-            from threadpoolctl import threadpool_limits
-
-            stack.enter_context(threadpool_limits(1))
-        except ImportError:
-            pass
-        try:
-            import torch
-
-            before = torch.get_num_threads()
-            torch.set_num_threads(1)
-            stack.callback(torch.set_num_threads, before)
-        except ImportError:
-            pass
-        yield
-
-
 @st.composite
 def channel_data(draw, *, full_rank=False, max_d=10, max_tokens=30):
     """Channel activations H (d, N) like an MLP's intermediate: outlier channels, maybe few tokens."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-import sys
 from typing import Any, NamedTuple
 
 from ._backend import as_work, cholesky_or_none, device_of, namespace, solve_triangular
@@ -309,14 +308,3 @@ def _nonnegative_int(name, value):
     if v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
     return v
-
-
-# ``lrmath.joint_mlp`` names both this submodule and its function. Importing the submodule
-# (``from lrmath.joint_mlp import ...``) rebinds the package attribute to the module, so the
-# module forwards calls to the function until it is renamed (requested: see the issue 3 report).
-class _CallableModule(sys.modules[__name__].__class__):
-    def __call__(self, *args, **kwargs):
-        return joint_mlp(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
