@@ -14,8 +14,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compress": "compress",
-    "CompressionReport": "compress",
+    "compress": "pipeline",
+    "CompressionReport": "pipeline",
     "save_compressed": "io",
     "load_compressed": "io",
     "get_spec": "specs",
@@ -25,7 +25,7 @@ _EXPORTS = {
     "FactorizedLinear": "modules",
     "HeadwiseProjection": "modules",
 }
-_SUBMODULES = {"zoo", "data", "specs", "modules", "attention", "io", "evaluate", "calibrate", "compress", "cli", "recipes"}
+_SUBMODULES = {"zoo", "data", "specs", "modules", "attention", "io", "evaluate", "calibrate", "pipeline", "cli", "recipes"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES) + ["__version__"]
 

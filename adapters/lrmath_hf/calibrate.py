@@ -123,20 +123,20 @@ def _install_hooks(layer: nn.Module, plan: CalibrationPlan, stats: LayerStats) -
         module = layer.get_submodule(path)
 
         def pre_hook(mod, args, name=name):
-            x = _rows(args[0]).to(plan.gram_dtype)
+            x = _rows(args[0])
             if name not in stats.inputs:
                 stats.inputs[name] = lrmath.Moments(x.shape[-1], device=x.device)
-            stats.inputs[name].update(x)
+            stats.inputs[name].update(x, gram_dtype=plan.gram_dtype)
 
         handles.append(module.register_forward_pre_hook(pre_hook))
     for name, (path, n_heads, head_dim) in plan.head_outputs.items():
         module = layer.get_submodule(path)
 
         def out_hook(mod, args, out, name=name, n_heads=n_heads, head_dim=head_dim):
-            y = _rows(out).to(plan.gram_dtype).reshape(-1, n_heads, head_dim).transpose(0, 1)
+            y = _rows(out).reshape(-1, n_heads, head_dim).transpose(0, 1)
             if name not in stats.head_outputs:
                 stats.head_outputs[name] = lrmath.Moments(head_dim, batch_shape=(n_heads,), device=y.device)
-            stats.head_outputs[name].update(y)
+            stats.head_outputs[name].update(y, gram_dtype=plan.gram_dtype)
 
         handles.append(module.register_forward_hook(out_hook))
     return handles

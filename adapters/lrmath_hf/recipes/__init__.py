@@ -1,0 +1,71 @@
+"""Compression recipes: calibration plan -> lrmath decisions -> module surgery.
+
+A recipe is a function ``run(model, spec, batches, *, ratio, progress, **options)``
+returning a :class:`RecipeResult`; :func:`lrmath_hf.compress` looks it up here
+by name, counts parameters before and after, and writes the report.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["RecipeResult", "register", "get_recipe", "available_recipes"]
+
+
+@dataclass
+class RecipeResult:
+    """What a recipe decided and how long its phases took.
+
+    Attributes
+    ----------
+    ranks : dict
+        ``"layer.role"`` -> rank (or ``"dense"``), per-head ranks where they apply.
+    details : dict
+        Recipe-specific facts for the report (allocation, importances, search calls).
+    timings : dict
+        Seconds per phase (``calibration``, ``decisions``, ``surgery``).
+    calibration_tokens : int
+        Tokens (or image patches) seen during calibration.
+    """
+
+    ranks: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    calibration_tokens: int = 0
+
+
+_RECIPES: dict[str, Callable[..., RecipeResult]] = {}
+# recipe name -> module that registers it (imported on first use)
+_MODULES = {
+    "svd": "svd",
+    "svd-llm": "svd",
+    "flat": "flat",
+    "flat-paper": "flat",
+    "auto": "auto",
+    "latent": "latent",
+    "flar": "flar",
+}
+
+
+def register(name: str):
+    """Decorator registering a recipe function under ``name``."""
+
+    def wrap(fn):
+        _RECIPES[name] = fn
+        return fn
+
+    return wrap
+
+
+def available_recipes() -> tuple[str, ...]:
+    return tuple(sorted(_MODULES))
+
+
+def get_recipe(name: str) -> Callable[..., RecipeResult]:
+    if name not in _MODULES:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(available_recipes())}")
+    if name not in _RECIPES:
+        importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return _RECIPES[name]

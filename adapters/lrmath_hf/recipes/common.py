@@ -1,0 +1,99 @@
+"""Pieces shared by the recipes: plans from specs, parameter accounting, factorised installs."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+import lrmath
+
+from ..calibrate import CalibrationPlan, calibrate
+from ..modules import FactorizedLinear, count_parameters
+from ..specs import ArchSpec, get_layer, get_linear, iter_layers, set_linear
+
+__all__ = [
+    "group_name",
+    "input_plan",
+    "linear_parameters",
+    "weight64",
+    "install_factors",
+    "run_calibration",
+    "timer",
+]
+
+
+def group_name(group: Iterable[str]) -> str:
+    """Statistic name of an input group, e.g. ``("q", "k", "v") -> "q+k+v"``."""
+    return "+".join(group)
+
+
+def input_plan(spec: ArchSpec, roles: Iterable[str] | None = None, **extra: Any) -> CalibrationPlan:
+    """One input statistic per group of linears that share an input (restricted to ``roles``)."""
+    wanted = set(spec.roles if roles is None else roles)
+    inputs = {
+        group_name(group): spec.linears[group[0]]
+        for group in spec.input_groups
+        if wanted.intersection(group)
+    }
+    return CalibrationPlan(inputs=inputs, **extra)
+
+
+def linear_parameters(model: nn.Module, spec: ArchSpec) -> int:
+    """Parameters of every layer's compressible linears (factorised ones count both factors)."""
+    return sum(
+        count_parameters(get_linear(model, index, role, spec))
+        for index, _ in iter_layers(model, spec)
+        for role in spec.roles
+    )
+
+
+def weight64(linear: nn.Module) -> torch.Tensor:
+    """A dense linear's weight as a float64 tensor on its device (the decisions run in float64)."""
+    return linear.weight.detach().to(torch.float64)
+
+
+def install_factors(model: nn.Module, spec: ArchSpec, layer: int, role: str, left, right,
+                    *, block_identity: bool = False) -> nn.Module:
+    """Replace a dense linear by ``left @ right`` (optionally stored with a block identity).
+
+    The original bias is kept; the factors are cast to the linear's dtype and device.
+    """
+    dense = get_linear(model, layer, role, spec)
+    dtype, device = dense.weight.dtype, dense.weight.device
+    columns = None
+    if block_identity:
+        left, right, columns = lrmath.block_identity(left, right)
+        columns = [int(c) for c in np.asarray(lrmath._backend.to_numpy(columns))]
+    module = FactorizedLinear.from_factors(
+        left, right, None if dense.bias is None else dense.bias.detach(),
+        columns=columns, dtype=dtype, device=device,
+    )
+    set_linear(model, layer, role, module, spec)
+    return module
+
+
+def run_calibration(model, spec: ArchSpec, batches, plan: CalibrationPlan, *, progress: bool,
+                    sequential: bool = False, on_layer=None):
+    """Calibrate ``model`` layer by layer (see :func:`lrmath_hf.calibrate.calibrate`)."""
+    layers = [layer for _, layer in iter_layers(model, spec)]
+    return calibrate(model, nn.ModuleList(layers) if not isinstance(layers, nn.ModuleList) else layers,
+                     batches, plan, sequential=sequential, on_layer=on_layer, progress=progress)
+
+
+@contextmanager
+def timer(timings: dict, key: str):
+    """Add the wall time of the block to ``timings[key]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def layer_of(model, spec, index):
+    return get_layer(model, index, spec)
