@@ -42,9 +42,12 @@ class CompressionReport:
     options: dict[str, Any]
     details: dict[str, Any]
     versions: dict[str, str]
+    spectra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Everything but the spectra (kept for plots), as JSON-ready values."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spectra"}
+        return json.loads(json.dumps(out, default=str))
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), indent=kwargs.pop("indent", 2), default=str, **kwargs)
@@ -163,4 +166,5 @@ def compress(model: nn.Module, calibration: Iterable | str | torch.Tensor, *, re
         options=options,
         details=outcome.details,
         versions=_versions(),
+        spectra=outcome.spectra,
     )

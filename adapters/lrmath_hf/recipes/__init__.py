@@ -28,12 +28,15 @@ class RecipeResult:
         Seconds per phase (``calibration``, ``decisions``, ``surgery``).
     calibration_tokens : int
         Tokens (or image patches) seen during calibration.
+    spectra : dict
+        ``name`` -> (spectrum, chosen rank) for plots; not written to JSON.
     """
 
     ranks: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     calibration_tokens: int = 0
+    spectra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 _RECIPES: dict[str, Callable[..., RecipeResult]] = {}

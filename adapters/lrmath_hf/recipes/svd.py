@@ -145,6 +145,7 @@ def run_svd(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = Tr
                                       cost=np.asarray(cost, float), multiple=multiple, max_rank=np.asarray(cap))
         # the top grid rank means "keep dense": a factorisation would not save parameters
         ranks = {key: (None if int(r) >= c else int(r)) for key, r, c in zip(keys, alloc.ranks, cap)}
+        result.spectra = {f"{layer}.{role}": (s, int(r)) for (layer, role), s, r in zip(keys, spectra, alloc.ranks)}
     with timer(result.timings, "surgery"):
         svd_ranks = {k: r for k, r in ranks.items() if k[1] != "vo"}
         result.ranks = _apply_ranks(model, spec, factors, svd_ranks, block_identity=block_identity)
