@@ -1,0 +1,1 @@
+"""pytest-benchmark suites: lrmath against what people use today (see docs/benchmarks.md)."""

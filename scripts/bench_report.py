@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Turn pytest-benchmark's JSON into ``docs/benchmarks.md`` (never edit that page by hand).
+
+Usage::
+
+    python scripts/bench_report.py runs/bench.json [-o docs/benchmarks.md]
+
+Every number on the page comes from the JSON: medians and interquartile
+ranges per benchmark, ratios against the baseline of each comparison group
+(medians of the same run), the goals each candidate declared in its
+``extra_info`` with met / MISSED, the answer checks recorded by the benchmark
+modules, growth exponents of the scaling sweeps, and the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+FULL_COMMAND = ("LRMATH_BENCH_FULL=1 nice -n 10 .venv/bin/python -m pytest benchmarks "
+                "--benchmark-enable --benchmark-json=runs/bench.json && "
+                ".venv/bin/python scripts/bench_report.py runs/bench.json")
+
+# extra_info keys that record an answer check, shown next to the timings
+CHECK_KEYS = (
+    "covariance_rel_err", "shrinkage_abs_err", "gram_rel_err", "projector_max_err",
+    "eigenvalues_rel_err", "dropped_rel_err", "error_ratio", "excess_over_optimum",
+    "orthonormality_err", "objective_rel_err", "max_abs_err_vs_bisection",
+    "dropped_rel_err_vs_optimum", "certified_gap",
+)
+
+
+# ------------------------------------------------------------------ formatting
+def fmt_time(seconds: float) -> str:
+    """Seconds with a unit that keeps 3-4 significant digits."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(seconds) >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def fmt_num(x) -> str:
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if x == 0.0:
+            return "0"
+        if 1e-3 <= abs(x) < 1e4:
+            return f"{x:.4g}"
+        return f"{x:.2e}"
+    return str(x)
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+# -------------------------------------------------------------------- analysis
+def stats_of(bench: dict) -> dict:
+    s = bench["stats"]
+    return {"median": s["median"], "q1": s["q1"], "q3": s["q3"], "iqr": s["iqr"],
+            "rounds": s["rounds"], "iterations": s.get("iterations", 1), "min": s["min"]}
+
+
+def speedup(baseline: dict, bench: dict) -> tuple[float, float, float]:
+    """Median ratio baseline / candidate, and a conservative range from the quartiles.
+
+    The range ``[b_q1 / c_q3, b_q3 / c_q1]`` pairs the fast quartile of one side
+    with the slow quartile of the other: if the goal lies inside it, this run
+    does not resolve the comparison.
+    """
+    b, c = stats_of(baseline), stats_of(bench)
+    return b["median"] / c["median"], b["q1"] / c["q3"], b["q3"] / c["q1"]
+
+
+def evaluate_goal(goal: dict, bench: dict, baseline: dict | None):
+    """``(measured value, status text)`` for a goal declared in ``extra_info``."""
+    metric, op, target = goal["metric"], goal["op"], float(goal["target"])
+    if metric == "speedup":
+        if baseline is None:
+            return None, "no baseline in this run"
+        value, low, high = speedup(baseline, bench)
+        shown = f"{fmt_ratio(value)} (IQR range {fmt_ratio(low)}-{fmt_ratio(high)})"
+    else:
+        value = bench["extra_info"].get(metric)
+        if value is None:
+            return None, f"{metric} not recorded"
+        low = high = value
+        shown = fmt_check(metric, value)
+    met = value >= target if op == ">=" else value <= target
+    status = "met" if met else "**MISSED**"
+    if metric == "speedup" and low <= target <= high:
+        status += " (goal inside the quartile range: not resolved by this run)"
+    return shown, status
+
+
+def growth_exponents(points: list[tuple[float, float]]) -> tuple[list[float | None], float | None]:
+    """Slopes of log(time) vs log(size) between consecutive sizes, and the least-squares slope."""
+    points = sorted(points)
+    steps = [None]
+    for (s0, t0), (s1, t1) in zip(points, points[1:]):
+        steps.append(math.log(t1 / t0) / math.log(s1 / s0) if s1 != s0 else None)
+    if len(points) < 2:
+        return steps, None
+    xs = [math.log(s) for s, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    fit = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else None
+    return steps, fit
+
+
+def group_benchmarks(benchmarks: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for b in benchmarks:
+        groups.setdefault(b.get("group") or b["name"], []).append(b)
+    return groups
+
+
+def fmt_check(key: str, value) -> str:
+    """A check value; ratios near 1 show their distance from 1 (``1-2.1e-11``), which is the news."""
+    if key == "error_ratio" and isinstance(value, float) and abs(value - 1.0) < 1e-3:
+        return f"1{value - 1.0:+.2e}"
+    return fmt_num(value)
+
+
+def checks_text(extra: dict) -> str:
+    parts = [f"{k}={fmt_check(k, extra[k])}" for k in CHECK_KEYS if k in extra]
+    return "; ".join(parts) if parts else "-"
+
+
+# ---------------------------------------------------------------------- output
+def machine_section(data: dict) -> list[str]:
+    mi = data.get("machine_info", {})
+    facts = mi.get("lrmath_bench", {})
+    cpu = mi.get("cpu", {})
+    commit = data.get("commit_info", {})
+    load = facts.get("loadavg_at_start")
+    rows = [
+        ("CPU model", facts.get("cpu_model") or cpu.get("brand_raw")),
+        ("Sockets x cores per socket x threads per core",
+         f"{facts.get('sockets')} x {facts.get('cores_per_socket')} x {facts.get('threads_per_core')}"),
+        ("Logical CPUs (usable by this process)", f"{facts.get('logical_cpus')} ({facts.get('usable_cpus')})"),
+        ("Clock (advertised)", cpu.get("hz_advertised_friendly")),
+        ("Caches L1d / L2 / L3", " / ".join(
+            f"{cpu[k] // 1024} KiB" if isinstance(cpu.get(k), int) else "?"
+            for k in ("l1_data_cache_size", "l2_cache_size", "l3_cache_size"))),
+        ("Hypervisor", facts.get("hypervisor")),
+        ("Memory", f"{facts.get('memory_gib')} GiB"),
+        ("Threads per side (BLAS, OpenMP, torch)", facts.get("bench_threads")),
+        ("Load average at start (1, 5, 15 min)",
+         ", ".join(f"{x:.2f}" for x in load) if load else None),
+        ("CUDA device", facts.get("cuda_device") or "none (CUDA parameters skipped)"),
+        ("Python / numpy / scipy / scikit-learn / torch",
+         " / ".join(str(facts.get(k)) for k in ("python", "numpy", "scipy", "sklearn", "torch"))),
+        ("OS", f"{mi.get('system')} {mi.get('release')}"),
+        ("Commit", f"{commit.get('id', '?')[:12]}{' (dirty tree)' if commit.get('dirty') else ''}"
+                   f" on {commit.get('branch', '?')}"),
+        ("Run started", data.get("datetime")),
+        ("Sizes", "full (LRMATH_BENCH_FULL=1)" if facts.get("full_mode") else
+         "SMALL (smoke sizes: not the issue's sizes)"),
+    ]
+    out = ["## Machine", "", "| | |", "|---|---|"]
+    out += [f"| {k} | {md_escape(v)} |" for k, v in rows]
+    return out + [""]
+
+
+def comparison_table(name: str, items: list[dict]) -> tuple[list[str], list[tuple]]:
+    baseline = next((b for b in items if b["extra_info"].get("role") == "baseline"), None)
+    first = items[0]["extra_info"]
+    out = [f"### {md_escape(name)}", "",
+           f"device {md_escape(first.get('device'))}, input shape {first.get('shape')}, "
+           f"threads per side {first.get('threads', {}).get('requested')}", "",
+           "| side | role | backend | dtype | median | IQR | rounds x iter "
+           "| speedup vs baseline (IQR range) | throughput | checks |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    goals = []
+    ordered = ([baseline] if baseline else []) + [b for b in items if b is not baseline]
+    for b in ordered:
+        e, s = b["extra_info"], stats_of(b)
+        if baseline is None:
+            ratio = "no baseline"
+        elif b is baseline:
+            ratio = "1.00x (baseline)"
+        else:
+            v, lo, hi = speedup(baseline, b)
+            ratio = f"{fmt_ratio(v)} ({fmt_ratio(lo)}-{fmt_ratio(hi)})"
+        thr = "-"
+        if e.get("items"):
+            thr = f"{e['items'] / s['median']:.3g} {e.get('items_unit', 'items')}/s"
+        out.append(f"| {md_escape(e.get('label', b['name']))} | {e.get('role')} | {e.get('backend')} "
+                   f"| {md_escape(e.get('dtype'))} "
+                   f"| {fmt_time(s['median'])} | {fmt_time(s['iqr'])} | {s['rounds']} x {s['iterations']} "
+                   f"| {ratio} | {thr} | {md_escape(checks_text(e))} |")
+        if e.get("goal"):
+            shown, status = evaluate_goal(e["goal"], b, baseline)
+            goals.append((name, e.get("label", b["name"]), e["goal"]["text"], shown, status))
+    return out + [""], goals
+
+
+def sweep_table(name: str, items: list[dict]) -> list[str]:
+    items = sorted(items, key=lambda b: b["extra_info"]["sweep"]["size"])
+    param = items[0]["extra_info"]["sweep"]["param"]
+    points = [(b["extra_info"]["sweep"]["size"], stats_of(b)["median"]) for b in items]
+    steps, fit = growth_exponents(points)
+    out = [f"### {md_escape(name)}", "",
+           f"| {param} | median | IQR | rounds x iter | time / {param} | exponent vs previous size | checks |",
+           "|---|---|---|---|---|---|---|"]
+    for b, step in zip(items, steps):
+        e, s = b["extra_info"], stats_of(b)
+        size = e["sweep"]["size"]
+        out.append(f"| {size} | {fmt_time(s['median'])} | {fmt_time(s['iqr'])} | {s['rounds']} x {s['iterations']} "
+                   f"| {fmt_time(s['median'] / size)} | {'-' if step is None else f'{step:.2f}'} "
+                   f"| {md_escape(checks_text(e))} |")
+    out += ["", f"Least-squares growth exponent over the sweep: "
+                f"**{'-' if fit is None else f'{fit:.2f}'}** (time ~ {param}^exponent).", ""]
+    return out
+
+
+def render(data: dict, source: str) -> str:
+    groups = group_benchmarks(data.get("benchmarks", []))
+    lines = ["# Benchmarks", "",
+             f"<!-- generated by scripts/bench_report.py from {source}; do not edit by hand -->", "",
+             "Generated from pytest-benchmark's JSON by `scripts/bench_report.py`; every number below "
+             "comes from one run of the command:", "", "```bash", FULL_COMMAND, "```", "",
+             "CI runs the same modules in smoke mode (`--benchmark-disable`, small sizes): each "
+             "benchmarked function runs once and every answer check still runs.", ""]
+    lines += machine_section(data)
+    lines += ["## Method", "",
+              "* Both sides of a comparison get the same inputs; every answer is checked against the "
+              "baseline's (or an independent reference) inside the benchmark module, outside the timer.",
+              "* One warm-up call, then rounds chosen so that a benchmark takes about "
+              f"{data.get('machine_info', {}).get('lrmath_bench', {}).get('budget_s', '?')} s "
+              "(at least 5, at most 50); calls under 2 ms are batched into iterations per round.",
+              "* Tables show the median and the interquartile range (IQR). *Speedup* = baseline median "
+              "/ this median, measured side by side in this run; the range in brackets pairs the "
+              "quartiles the unfavourable and the favourable way (baseline q1 / this q3 .. baseline "
+              "q3 / this q1).",
+              "* BLAS / OpenMP / torch threads are pinned to the same count for every side "
+              "(`LRMATH_BENCH_THREADS`); CUDA work is synchronised inside the timed call.",
+              "* The machine is shared with other jobs; the load average is recorded before and after "
+              "each benchmark in the JSON (`extra_info.loadavg_*`).", ""]
+
+    comparison, sweeps, all_goals = [], [], []
+    for name, items in groups.items():
+        if any("sweep" in b["extra_info"] for b in items):
+            sweeps += sweep_table(name, items)
+        else:
+            table, goals = comparison_table(name, items)
+            comparison += table
+            all_goals += goals
+
+    lines += ["## Goals", ""]
+    if all_goals:
+        lines += ["| group | candidate | goal | measured | status |", "|---|---|---|---|---|"]
+        lines += [f"| {md_escape(g)} | {md_escape(c)} | {md_escape(t)} | {md_escape(m)} | {s} |"
+                  for g, c, t, m, s in all_goals]
+        missed = sum("MISSED" in g[4] for g in all_goals)
+        lines += ["", f"{len(all_goals) - missed} of {len(all_goals)} goals met in this run; "
+                      f"{missed} missed." if missed else f"All {len(all_goals)} goals met in this run."]
+    else:
+        lines += ["No goals were recorded in this run."]
+    lines += [""]
+    if comparison:
+        lines += ["## Comparisons", ""] + comparison
+    if sweeps:
+        lines += ["## Scaling", ""] + sweeps
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("-o", "--output", default="docs/benchmarks.md", help="page to write")
+    args = parser.parse_args(argv)
+    data = json.loads(Path(args.json).read_text())
+    if not data.get("benchmarks"):
+        print(f"{args.json}: no benchmarks (was --benchmark-enable given?)", file=sys.stderr)
+        return 1
+    Path(args.output).write_text(render(data, Path(args.json).as_posix()))
+    print(f"wrote {args.output} ({len(data['benchmarks'])} benchmarks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
