@@ -62,7 +62,7 @@ def _centred_sums(x, xp, gram_dtype=None):
 
 
 def _shift(count, m2, m3, m4, d, xp):
-    r"""Sums of ``z = y + d`` from the sums of rows ``y`` that sum to zero.
+    r"""Third and fourth sums of ``z = y + d`` from the sums of rows ``y`` that sum to zero.
 
     With :math:`\sum y = 0`, :math:`\|z\|^2 = \|y\|^2 + 2 y^\top d + \|d\|^2` gives
 
@@ -71,20 +71,26 @@ def _shift(count, m2, m3, m4, d, xp):
         \sum \|z\|^2 z &= M_3 + 2 M_2 d + (\operatorname{tr} M_2 + n \|d\|^2)\, d \\
         \sum \|z\|^4 &= M_4 + 4 d^\top M_3 + 4 d^\top M_2 d + 2 \|d\|^2 \operatorname{tr} M_2
                         + n \|d\|^4 .
+
+    Only the last two are formed here (matrix-vector work); the second-moment
+    part is merged once by :func:`_merge`, so a merge costs one d x d update.
     """
     m2d = (m2 @ d[..., :, None])[..., 0]
     dm2d = xp.sum(d * m2d, axis=-1)
     dd = xp.sum(d * d, axis=-1)
     tr = xp.linalg.trace(m2)
     dm3 = xp.sum(d * m3, axis=-1)
-    s2 = m2 + count * (d[..., :, None] * d[..., None, :])
     s3 = m3 + 2.0 * m2d + (tr + count * dd)[..., None] * d
     s4 = m4 + 4.0 * dm3 + 4.0 * dm2d + 2.0 * dd * tr + count * (dd * dd)
-    return s2, s3, s4
+    return s3, s4
 
 
 def _merge(a, b, xp):
-    """Chan et al.'s pairwise merge of two ``(count, mean, m2, m3, m4)`` states."""
+    """Chan et al.'s pairwise merge of two ``(count, mean, m2, m3, m4)`` states.
+
+    ``M2 = M2_a + M2_b + (n_a n_b / n) g g^T`` with ``g`` the gap between the
+    means (the sum of both parts' shifts ``n d d^T``, formed once).
+    """
     na, nb = a[0], b[0]
     n = na + nb
     gap = b[1] - a[1]
@@ -92,9 +98,10 @@ def _merge(a, b, xp):
     da = (-nb / n) * gap
     db = (na / n) * gap
     mean = a[1] + (nb / n) * gap
-    sa = _shift(na, *a[2:], da, xp)
-    sb = _shift(nb, *b[2:], db, xp)
-    return (n, mean) + tuple(u + v for u, v in zip(sa, sb))
+    m2 = a[2] + b[2] + (na * nb / n) * (gap[..., :, None] * gap[..., None, :])
+    a3, a4 = _shift(na, *a[2:], da, xp)
+    b3, b4 = _shift(nb, *b[2:], db, xp)
+    return (n, mean, m2, a3 + b3, a4 + b4)
 
 
 class Moments:
@@ -278,7 +285,8 @@ class Moments:
                 raise ValueError(f"about must have shape {tuple(mean.shape)}, got {tuple(about.shape)}")
             check_finite("about", about, xp)
             d = mean - self._to_home(as_work(about, xp))
-        return PowerSums(self._count, self._count * d, *_shift(self._count, m2, m3, m4, d, xp))
+        second = m2 + self._count * (d[..., :, None] * d[..., None, :])
+        return PowerSums(self._count, self._count * d, second, *_shift(self._count, m2, m3, m4, d, xp))
 
     # ----------------------------------------------------------- serialisation
     def to_dict(self) -> dict:

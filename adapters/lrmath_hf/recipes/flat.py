@@ -123,10 +123,11 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
     set_linear(model, layer, "down", new_down, spec)
 
 
-def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, mlp=True, vo=True) -> RecipeResult:
+def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None) -> RecipeResult:
     result = RecipeResult()
-    with timer(result.timings, "calibration"):
-        stats = run_calibration(model, spec, batches, flat_plan(spec, qk=qk), progress=progress)
+    if stats is None:
+        with timer(result.timings, "calibration"):
+            stats = run_calibration(model, spec, batches, flat_plan(spec, qk=qk), progress=progress)
     result.calibration_tokens = stats.tokens
     with timer(result.timings, "decisions"):
         mode = "reference" if paper else "paper"
@@ -146,13 +147,13 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, mlp=True, v
     with timer(result.timings, "surgery"):
         for layer, layer_stats in enumerate(stats.layers):
             head_rank, channels = _ranks(spec, float(w[layer]))
-            if vo and head_rank < spec.head_dim:
+            if head_rank < spec.head_dim:
                 bases = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank).basis
                 fold_value_output(get_attention(model, layer, spec), spec, bases)
             if qk and head_rank < spec.head_dim:
                 for role in ("q", "k"):
                     _fold_qk(model, spec, layer, role, layer_stats.head_outputs[role], head_rank)
-            if mlp and channels < spec.intermediate_size:
+            if channels < spec.intermediate_size:
                 _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge)
             result.ranks[str(layer)] = {"kept_fraction": float(w[layer]), "head_rank": head_rank,
                                         "mlp_channels": channels}
@@ -163,7 +164,7 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, mlp=True, v
 
 @register("flat")
 def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True, qk: bool = False,
-             ridge: float = 1e-3) -> RecipeResult:
+             ridge: float = 1e-3, stats=None) -> RecipeResult:
     """FLAT-LLM with exact parameter accounting and a relative Nystrom ridge.
 
     Parameters
@@ -179,16 +180,18 @@ def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     Tian et al., FLAT-LLM (arXiv 2505.23966): Theorem 4.1 (V/O PCA error =
     dropped eigenvalues), Algorithm 1 (IPRS), appendix C (Nystrom MLP).
     """
-    return _run(model, spec, batches, ratio=ratio, progress=progress, qk=qk, paper=False, ridge=ridge)
+    return _run(model, spec, batches, ratio=ratio, progress=progress, qk=qk, paper=False, ridge=ridge,
+                stats=stats)
 
 
 @register("flat-paper")
 def run_flat_paper(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True,
-                   qk: bool = False, ridge: float = 1e-6) -> RecipeResult:
+                   qk: bool = False, ridge: float = 1e-6, stats=None) -> RecipeResult:
     """FLAT-LLM as published: IPRS with ``B = L * kept``, FLAT's budget formula, one rank per layer.
 
     The statistics stay float64 and the Nystrom refit keeps a tiny relative
     ridge (the reference's effectively-zero ridge explodes with fewer
     calibration tokens than MLP channels).
     """
-    return _run(model, spec, batches, ratio=ratio, progress=progress, qk=qk, paper=True, ridge=ridge)
+    return _run(model, spec, batches, ratio=ratio, progress=progress, qk=qk, paper=True, ridge=ridge,
+                stats=stats)

@@ -75,7 +75,8 @@ def _vo_spectrum(moments) -> np.ndarray:
 @register("svd")
 def run_svd(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True,
             roles=None, whitening: str = "cholesky", damping: float = 1e-6, multiple: int = 8,
-            energy: str = "relative", block_identity: bool = False, vo: str = "svd") -> RecipeResult:
+            energy: str = "relative", block_identity: bool = False, vo: str = "svd",
+            stats=None) -> RecipeResult:
     """Whitened SVD of every linear with globally allocated ranks.
 
     Parameters
@@ -97,6 +98,10 @@ def run_svd(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = Tr
         PCA of the value outputs into them (value head dim and V cache shrink);
         the layer's value rank competes in the same global allocation, with
         gains ``sum_g lambda_{g,r}`` and cost ``(G + H) n`` per unit of rank.
+    stats : CalibrationResult, optional
+        Statistics from an earlier calibration of the same dense model (e.g. to
+        compress at several ratios from one calibration); must hold the plan's
+        statistics.
 
     Notes
     -----
@@ -117,8 +122,9 @@ def run_svd(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = Tr
     plan = input_plan(spec, svd_roles)
     if vo == "pca":
         plan = dataclasses.replace(plan, head_outputs={"v": (spec.linears["v"], spec.num_kv_heads, spec.head_dim)})
-    with timer(result.timings, "calibration"):
-        stats = run_calibration(model, spec, batches, plan, progress=progress)
+    if stats is None:
+        with timer(result.timings, "calibration"):
+            stats = run_calibration(model, spec, batches, plan, progress=progress)
     result.calibration_tokens = stats.tokens
     with timer(result.timings, "decisions"):
         factors = whitened_factors(model, spec, stats, roles=svd_roles, whitening=whitening, damping=damping)
@@ -165,7 +171,7 @@ def run_svd(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = Tr
 
 @register("svd-llm")
 def run_svd_llm(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True,
-                roles=None, damping: float = 1e-6) -> RecipeResult:
+                roles=None, damping: float = 1e-6, stats=None) -> RecipeResult:
     """SVD-LLM baseline: Cholesky whitening, one rank ratio for every matrix.
 
     Notes
@@ -175,8 +181,9 @@ def run_svd_llm(model, spec: ArchSpec, batches, *, ratio: float, progress: bool 
     the statistics are float64 and the damping relative.
     """
     result = RecipeResult()
-    with timer(result.timings, "calibration"):
-        stats = run_calibration(model, spec, batches, input_plan(spec, roles), progress=progress)
+    if stats is None:
+        with timer(result.timings, "calibration"):
+            stats = run_calibration(model, spec, batches, input_plan(spec, roles), progress=progress)
     result.calibration_tokens = stats.tokens
     with timer(result.timings, "decisions"):
         factors = whitened_factors(model, spec, stats, roles=roles, whitening="cholesky", damping=damping)

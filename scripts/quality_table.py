@@ -1,0 +1,150 @@
+"""Measure every recipe at several ratios on the real SmolLM2-135M, in one run, and write docs/results.md.
+
+Protocol (the one the official FLAT-LLM and SVD-LLM code were run on): calibration = the first 64
+windows of 512 tokens of the wiki calibration split; evaluation = perplexity over the first 80
+non-overlapping 512-token windows of the evaluation split, fp32.
+
+One calibration pass collects the union of every recipe's statistics; each (recipe, ratio) then
+compresses a fresh copy of the dense model from those statistics (non-sequential recipes do not
+depend on the order). Separately, one full ``lrmath_hf.compress`` of the default recipe is timed
+against the dense forward pass over the same calibration tokens, side by side.
+
+Usage::
+
+    .venv/bin/python scripts/quality_table.py --ratios 0.1 0.2 0.3 0.4 0.5 --out docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lrmath_hf import zoo
+from lrmath_hf.calibrate import CalibrationPlan
+from lrmath_hf.data import protocol_windows
+from lrmath_hf.evaluate import perplexity
+from lrmath_hf.pipeline import compress
+from lrmath_hf.recipes import get_recipe
+from lrmath_hf.recipes.common import group_name, linear_parameters, run_calibration
+from lrmath_hf.specs import get_spec
+
+DEFAULT_RECIPES = ["auto", "svd", "flat", "flat-paper", "svd-llm"]
+
+
+def union_plan(spec) -> CalibrationPlan:
+    inputs = {group_name(g): spec.linears[g[0]] for g in spec.input_groups}
+    heads = {"v": (spec.linears["v"], spec.num_kv_heads, spec.head_dim),
+             "q": (spec.linears["q"], spec.num_heads, spec.head_dim),
+             "k": (spec.linears["k"], spec.num_kv_heads, spec.head_dim)}
+    return CalibrationPlan(inputs=inputs, head_outputs=heads, importance=True)
+
+
+def parse_recipe(text: str) -> tuple[str, str, dict]:
+    """``name`` or ``label=name:{json options}``."""
+    label, _, rest = text.partition("=") if "=" in text else (text, "", text)
+    name, _, opts = rest.partition(":")
+    return label, name, json.loads(opts) if opts else {}
+
+
+@torch.no_grad()
+def dense_forward_seconds(model, windows) -> float:
+    start = time.perf_counter()
+    for w in windows:
+        model(input_ids=w[None], use_cache=False)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    ap.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    ap.add_argument("--eval-windows", type=int, default=80)
+    ap.add_argument("--calib-windows", type=int, default=64)
+    ap.add_argument("--timing-recipe", default="auto", help="'' to skip the side-by-side timing")
+    ap.add_argument("--out", default=None, help="markdown file to write (default: print only)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    model, tok = zoo.load_model("smollm2-135m")
+    spec = get_spec(model)
+    calib = protocol_windows(tok, "calibration", n_windows=args.calib_windows)
+    evals = protocol_windows(tok, "evaluation", n_windows=args.eval_windows)
+    rows = []
+    dense_ppl = perplexity(model, evals, progress=False)
+    print(f"dense perplexity {dense_ppl:.3f}", flush=True)
+
+    timing = None
+    if args.timing_recipe:
+        t_dense = dense_forward_seconds(model, calib)
+        trial = copy.deepcopy(model)
+        rep = compress(trial, calib, recipe=args.timing_recipe, ratio=0.2, progress=False)
+        t_dense_again = dense_forward_seconds(model, calib)  # bracket the compression: drift shows
+        timing = {"recipe": args.timing_recipe, "dense_forward_s": [t_dense, t_dense_again],
+                  "compress_s": rep.timings["total"], "phases": rep.timings,
+                  "ratio_to_dense": rep.timings["total"] / ((t_dense + t_dense_again) / 2)}
+        print(f"timing {json.dumps(timing)}", flush=True)
+        del trial
+
+    start = time.perf_counter()
+    stats = run_calibration(model, spec, [w[None] for w in calib], union_plan(spec), progress=False)
+    print(f"union calibration {time.perf_counter() - start:.1f} s", flush=True)
+    before = linear_parameters(model, spec)
+    for text in args.recipes:
+        label, name, opts = parse_recipe(text)
+        for ratio in args.ratios:
+            trial = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            result = get_recipe(name)(trial, spec, None, ratio=ratio, progress=False, stats=stats, **opts)
+            decide = time.perf_counter() - t0
+            achieved = 1 - linear_parameters(trial, spec) / before
+            ppl = perplexity(trial, evals, progress=False)
+            rows.append({"recipe": label, "ratio": ratio, "achieved": achieved, "perplexity": ppl,
+                         "decision_s": decide, "options": opts})
+            print(f"RESULT {label} ratio={ratio} achieved={achieved:.3f} ppl={ppl:.2f} ({decide:.0f} s)", flush=True)
+            del trial
+    payload = {"dense_perplexity": dense_ppl, "eval_windows": args.eval_windows,
+               "calib_windows": args.calib_windows, "timing": timing, "rows": rows,
+               "command": " ".join(sys.argv)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    if args.out:
+        Path(args.out).write_text(render(payload))
+    return 0
+
+
+def render(payload: dict) -> str:
+    ratios = sorted({r["ratio"] for r in payload["rows"]})
+    recipes = list(dict.fromkeys(r["recipe"] for r in payload["rows"]))
+    cell = {(r["recipe"], r["ratio"]): r for r in payload["rows"]}
+    lines = ["# Measured results: SmolLM2-135M", "",
+             f"Generated by `{payload['command']}` (do not edit by hand).", "",
+             "Protocol: calibration = first 64 windows x 512 tokens of the wiki calibration split; "
+             f"evaluation = perplexity over the first {payload['eval_windows']} non-overlapping 512-token "
+             "windows of the evaluation split; fp32, CPU.", "",
+             f"Dense perplexity: **{payload['dense_perplexity']:.2f}**.", "",
+             "| recipe | " + " | ".join(f"{int(100 * r)} %" for r in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    for name in recipes:
+        vals = []
+        for ratio in ratios:
+            r = cell.get((name, ratio))
+            vals.append("" if r is None else f"{r['perplexity']:.2f} ({100 * r['achieved']:.1f} %)")
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    lines += ["", "Cells: perplexity (decoder-linear parameters actually removed).", ""]
+    t = payload.get("timing")
+    if t:
+        lines += [f"Calibration + compression time of `{t['recipe']}` at 20 %: {t['compress_s']:.1f} s, "
+                  f"{t['ratio_to_dense']:.2f}x the dense forward pass over the same calibration tokens "
+                  f"({t['dense_forward_s'][0]:.1f} s and {t['dense_forward_s'][1]:.1f} s, measured before and "
+                  "after in the same run).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
