@@ -48,12 +48,15 @@ class CalibrationPlan:
         Precision of each batch's partial Gram product; partial sums are
         merged in float64 (float32 halves the cost on CPUs and is what the
         design guide allows: float32 batches, float64 merges).
+    rows_per_update : int
+        Rows gathered before each accumulator update.
     """
 
     inputs: Mapping[str, str] = field(default_factory=dict)
     head_outputs: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)
     importance: bool = True
     gram_dtype: torch.dtype = torch.float32
+    rows_per_update: int = 4096
 
 
 @dataclass
@@ -117,29 +120,52 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _install_hooks(layer: nn.Module, plan: CalibrationPlan, stats: LayerStats) -> list:
-    handles = []
+class _Buffered:
+    """Rows gathered until ``rows`` of them are ready, then one accumulator update.
+
+    One update per few thousand rows keeps the O(d^2) merge and the per-call
+    checks of :class:`lrmath.Moments` small against the O(n d^2) Gram product.
+    """
+
+    def __init__(self, make, gram_dtype, rows: int):
+        self.make, self.gram_dtype, self.rows = make, gram_dtype, rows
+        self.moments, self.pending, self.count = None, [], 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.pending.append(x)
+        self.count += x.shape[-2]
+        if self.count >= self.rows:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            x = torch.cat(self.pending, dim=-2)
+            if self.moments is None:
+                self.moments = self.make(x)
+            self.moments.update(x, gram_dtype=self.gram_dtype)
+            self.pending, self.count = [], 0
+        return self.moments
+
+
+def _install_hooks(layer: nn.Module, plan: CalibrationPlan) -> tuple[list, dict, dict]:
+    handles, inputs, heads = [], {}, {}
     for name, path in plan.inputs.items():
         module = layer.get_submodule(path)
-
-        def pre_hook(mod, args, name=name):
-            x = _rows(args[0])
-            if name not in stats.inputs:
-                stats.inputs[name] = lrmath.Moments(x.shape[-1], device=x.device)
-            stats.inputs[name].update(x, gram_dtype=plan.gram_dtype)
-
-        handles.append(module.register_forward_pre_hook(pre_hook))
+        inputs[name] = buffer = _Buffered(lambda x: lrmath.Moments(x.shape[-1], device=x.device),
+                                          plan.gram_dtype, plan.rows_per_update)
+        handles.append(module.register_forward_pre_hook(lambda mod, args, buffer=buffer: buffer.add(_rows(args[0]))))
     for name, (path, n_heads, head_dim) in plan.head_outputs.items():
         module = layer.get_submodule(path)
+        heads[name] = buffer = _Buffered(
+            lambda y, n_heads=n_heads, head_dim=head_dim: lrmath.Moments(head_dim, batch_shape=(n_heads,),
+                                                                         device=y.device),
+            plan.gram_dtype, plan.rows_per_update)
 
-        def out_hook(mod, args, out, name=name, n_heads=n_heads, head_dim=head_dim):
-            y = _rows(out).reshape(-1, n_heads, head_dim).transpose(0, 1)
-            if name not in stats.head_outputs:
-                stats.head_outputs[name] = lrmath.Moments(head_dim, batch_shape=(n_heads,), device=y.device)
-            stats.head_outputs[name].update(y, gram_dtype=plan.gram_dtype)
+        def out_hook(mod, args, out, buffer=buffer, n_heads=n_heads, head_dim=head_dim):
+            buffer.add(_rows(out).reshape(-1, n_heads, head_dim).transpose(0, 1))
 
         handles.append(module.register_forward_hook(out_hook))
-    return handles
+    return handles, inputs, heads
 
 
 def _layer_output(out):
@@ -208,7 +234,7 @@ def calibrate(
     for index in iterator:
         layer = layers[index]
         stats = LayerStats()
-        handles = _install_hooks(layer, plan, stats)
+        handles, inputs, heads = _install_hooks(layer, plan)
         outputs = []
         try:
             for h, a, kw in zip(hidden, extra_args, kwargs):
@@ -223,6 +249,8 @@ def calibrate(
         finally:
             for handle in handles:
                 handle.remove()
+        stats.inputs = {name: buffer.flush() for name, buffer in inputs.items()}
+        stats.head_outputs = {name: buffer.flush() for name, buffer in heads.items()}
         if on_layer is not None:
             on_layer(index, stats)
         if sequential:
