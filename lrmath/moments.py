@@ -257,7 +257,7 @@ class Moments:
 
         Parameters
         ----------
-        about : {"mean", "origin"} or array, shape (*batch_shape, dim)
+        about : {"mean", "origin"} or array of shape ``(*batch_shape, dim)``
             The point ``c`` the rows are measured from: ``z_k = x_k - c``.
             ``"origin"`` gives the uncentred sums (``assume_centered``
             estimators use them).
