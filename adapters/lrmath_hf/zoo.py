@@ -131,6 +131,8 @@ def load_model(name_or_path, *, dtype=torch.float32, device="cpu"):
     ------
     ModuleNotFoundError
         When a needed package is missing; the message gives the pip command.
+    OSError
+        When ``name_or_path`` is neither a zoo name nor a loadable folder or hub id.
     """
     name = str(name_or_path)
     if name == "smollm2-135m":
@@ -162,7 +164,13 @@ def _load_pretrained(name: str, dtype):
     import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise OSError(
+            f"{name!r} is neither a zoo name ({', '.join(list_models())}) nor a local folder "
+            f"or reachable hub id with a config.json"
+        ) from exc
     architectures = config.architectures or []
     if any(a.endswith("ForCausalLM") for a in architectures):
         model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)

@@ -1,0 +1,320 @@
+"""Quality and speed of a (compressed) model: perplexity, tokens/s, ViT feature fidelity, linear probe.
+
+Every function takes the model as it is (dense, compressed or reloaded) and changes
+nothing in it; all run under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "perplexity",
+    "ThroughputResult",
+    "throughput",
+    "FeatureFidelity",
+    "feature_fidelity",
+    "vit_features",
+    "fit_linear_probe",
+    "linear_probe_accuracy",
+]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA work is asynchronous: wait for it before reading the clock.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def perplexity(model, windows, *, batch_size: int = 1, progress: bool = True) -> float:
+    """Perplexity of a causal LM over token windows.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+        Returns ``.logits`` of shape ``(batch, seq, vocab)``.
+    windows : torch.Tensor
+        int64 token ids, shape ``(n, seq_len)`` (see :func:`lrmath_hf.data.token_windows`).
+    batch_size : int, optional
+        Windows per forward pass.
+    progress : bool, optional
+        Show a tqdm bar.
+
+    Returns
+    -------
+    float
+        ``exp(mean NLL)`` over the ``n * (seq_len - 1)`` predicted tokens.
+
+    Notes
+    -----
+    Each window is scored on its own (no context from the previous one), the log-softmax
+    runs in float32 and the NLL sum accumulates in float64.
+    """
+    from tqdm.auto import tqdm
+
+    windows = torch.as_tensor(windows, dtype=torch.long)
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must have shape (n, seq_len >= 2), got {tuple(windows.shape)}")
+    device = _device(model)
+    total_nll, total_tokens = 0.0, 0
+    starts = range(0, windows.shape[0], batch_size)
+    for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total_nll += float(nll.double())
+        total_tokens += targets.numel()
+    return math.exp(total_nll / total_tokens)
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    """Median tokens/s of prefill and greedy decode, with the range over repeats."""
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prefill_range: tuple[float, float]
+    decode_range: tuple[float, float]
+    prefill_tokens: int
+    decode_tokens: int
+    repeats: int
+    device: str
+
+
+def _prompt_ids(tokenizer_or_ids, prefill_tokens: int) -> torch.Tensor:
+    """A (1, prefill_tokens) prompt: given ids, else wiki evaluation text, else seeded ids."""
+    if isinstance(tokenizer_or_ids, torch.Tensor):
+        ids = tokenizer_or_ids.reshape(1, -1)
+        if ids.shape[1] < prefill_tokens:
+            raise ValueError(f"{ids.shape[1]} token ids given, prefill_tokens={prefill_tokens}")
+        return ids[:, :prefill_tokens].long()
+    from .data import token_windows
+
+    try:
+        from .zoo import load_text
+
+        text = load_text("wiki", split="evaluation")
+    except ModuleNotFoundError:
+        # Timing does not depend on the content: any real vocabulary ids will do.
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, len(tokenizer_or_ids), (1, prefill_tokens), generator=generator)
+    return token_windows(tokenizer_or_ids, text, prefill_tokens, 1)
+
+
+@torch.inference_mode()
+def throughput(model, tokenizer_or_ids, *, prefill_tokens: int = 512, decode_tokens: int = 64,
+               repeats: int = 3) -> ThroughputResult:
+    """Prefill and greedy-decode speed of a causal LM with its KV cache, batch 1.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+    tokenizer_or_ids : tokenizer or torch.Tensor
+        Prompt token ids, or a tokenizer to cut them from the wiki evaluation text.
+    prefill_tokens : int, optional
+        Prompt length.
+    decode_tokens : int, optional
+        Generated tokens (EOS does not stop generation early).
+    repeats : int, optional
+        Timed runs after one untimed warm-up; the median is reported.
+
+    Returns
+    -------
+    ThroughputResult
+
+    Notes
+    -----
+    Prefill: one forward pass over the prompt that fills the cache.  Decode: the time of
+    ``generate(max_new_tokens=decode_tokens)`` minus that of ``generate(max_new_tokens=1)``,
+    both greedy from the same prompt, so both include the same prefill and set-up costs and
+    the difference is ``decode_tokens - 1`` cached single-token steps.
+    """
+    if decode_tokens < 2 or prefill_tokens < 1 or repeats < 1:
+        raise ValueError("need decode_tokens >= 2, prefill_tokens >= 1, repeats >= 1")
+    device = _device(model)
+    ids = _prompt_ids(tokenizer_or_ids, prefill_tokens).to(device)
+    mask = torch.ones_like(ids)
+    # A fixed pad id silences generate()'s warning when the config has none.
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.generation_config, "eos_token_id", None)
+        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+
+    def timed(fn):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - start
+
+    def generate(n):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, use_cache=True, pad_token_id=pad)
+
+    prefill_s, decode_s = [], []
+    for run in range(repeats + 1):
+        t_prefill = timed(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True))
+        t_one = timed(lambda: generate(1))
+        t_all = timed(lambda: generate(decode_tokens))
+        if run:  # run 0 warms up kernels and allocators
+            prefill_s.append(t_prefill)
+            decode_s.append(max(t_all - t_one, 1e-9))
+    prefill_rates = [prefill_tokens / t for t in prefill_s]
+    decode_rates = [(decode_tokens - 1) / t for t in decode_s]
+    return ThroughputResult(
+        prefill_tokens_per_s=statistics.median(prefill_rates),
+        decode_tokens_per_s=statistics.median(decode_rates),
+        prefill_range=(min(prefill_rates), max(prefill_rates)),
+        decode_range=(min(decode_rates), max(decode_rates)),
+        prefill_tokens=prefill_tokens,
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        device=str(device),
+    )
+
+
+@torch.inference_mode()
+def _hidden_states(model, pixel_values, batch_size: int) -> torch.Tensor:
+    """Final (post-layernorm) token features, float32, on the CPU."""
+    # A model with a head (ViTForImageClassification) is measured on its backbone.
+    model = model.base_model
+    device = _device(model)
+    dtype = next(model.parameters()).dtype
+    outs = []
+    for start in range(0, pixel_values.shape[0], batch_size):
+        batch = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
+        outs.append(model(pixel_values=batch).last_hidden_state.float().cpu())
+    return torch.cat(outs)
+
+
+@dataclass(frozen=True)
+class FeatureFidelity:
+    """Agreement of a compressed ViT's final features with the dense model's, averaged over images."""
+
+    cls_cosine: float
+    patch_cosine: float
+    relative_error: float
+    n_images: int
+
+
+def feature_fidelity(dense_model, compressed_model, pixel_values, *, batch_size: int = 16) -> FeatureFidelity:
+    """Cosine similarity and relative error of final ViT features against the dense model.
+
+    Parameters
+    ----------
+    dense_model, compressed_model : transformers vision model
+        Both return ``last_hidden_state`` of shape ``(n, 1 + patches, hidden)``.
+    pixel_values : torch.Tensor
+        ``(n, 3, H, W)``, e.g. from :func:`lrmath_hf.data.preprocess_images`.
+    batch_size : int, optional
+
+    Returns
+    -------
+    FeatureFidelity
+        ``cls_cosine``: cosine of the CLS token; ``patch_cosine``: cosine of each patch
+        token, averaged over patches; ``relative_error``: ``||F_c - F_d||_F / ||F_d||_F``
+        of all final tokens.  Each is computed per image, then averaged over images.
+    """
+    dense = _hidden_states(dense_model, pixel_values, batch_size).double()
+    compressed = _hidden_states(compressed_model, pixel_values, batch_size).double()
+    cls_cos = F.cosine_similarity(dense[:, 0], compressed[:, 0], dim=-1)
+    patch_cos = F.cosine_similarity(dense[:, 1:], compressed[:, 1:], dim=-1).mean(dim=1)
+    rel = (compressed - dense).flatten(1).norm(dim=1) / dense.flatten(1).norm(dim=1)
+    return FeatureFidelity(
+        cls_cosine=float(cls_cos.mean()),
+        patch_cosine=float(patch_cos.mean()),
+        relative_error=float(rel.mean()),
+        n_images=int(dense.shape[0]),
+    )
+
+
+def vit_features(model, pixel_values, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Probe features of a ViT: the CLS token concatenated with the mean patch token.
+
+    Parameters
+    ----------
+    model : transformers vision model
+    pixel_values : torch.Tensor
+        ``(n, 3, H, W)``.
+    batch_size : int, optional
+    progress : bool, optional
+        Show a tqdm bar.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, shape ``(n, 2 * hidden)``.
+
+    Notes
+    -----
+    DINOv2's standard linear-probe features (Oquab et al., 2023, section 7).
+    """
+    from tqdm.auto import tqdm
+
+    feats = []
+    starts = range(0, pixel_values.shape[0], batch_size)
+    for start in tqdm(starts, desc="features", unit="batch", disable=not progress):
+        hidden = _hidden_states(model, pixel_values[start : start + batch_size], batch_size)
+        feats.append(torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1))
+    return torch.cat(feats).numpy()
+
+
+def fit_linear_probe(features, labels, *, C: float = 1.0, max_iter: int = 2000):
+    """Fit a logistic-regression probe on frozen (dense) features.
+
+    Parameters
+    ----------
+    features : array, shape (n, d)
+        From :func:`vit_features` of the DENSE backbone on the training split.
+    labels : array, shape (n,)
+    C : float, optional
+        Inverse L2 strength of scikit-learn's ``LogisticRegression``.
+    max_iter : int, optional
+
+    Returns
+    -------
+    sklearn.pipeline.Pipeline
+        Standardisation (statistics of the dense training features) then the classifier;
+        keep it fixed and score compressed backbones with :func:`linear_probe_accuracy`.
+    """
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError as exc:
+        raise ModuleNotFoundError("the linear probe needs scikit-learn: pip install scikit-learn") from exc
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+    return probe.fit(np.asarray(features, dtype=np.float64), np.asarray(labels))
+
+
+def linear_probe_accuracy(probe, features, labels) -> float:
+    """Top-1 accuracy of a fitted probe on features of the held-out split.
+
+    Parameters
+    ----------
+    probe : sklearn estimator
+        From :func:`fit_linear_probe` (fitted on dense features).
+    features : array, shape (n, d)
+        :func:`vit_features` of the backbone being scored (dense or compressed).
+    labels : array, shape (n,)
+
+    Returns
+    -------
+    float
+        Fraction of correct predictions, in [0, 1].
+    """
+    predictions = probe.predict(np.asarray(features, dtype=np.float64))
+    return float(np.mean(predictions == np.asarray(labels)))
