@@ -12,7 +12,7 @@ the reference machine is a 2-core box shared with other jobs: a second BLAS
 thread there mostly waits for a core and turns timings into noise. Set it to
 the core count on a quiet machine.
 
-``LRMATH_BENCH_BUDGET`` (seconds, default 8) is the timing budget per
+``LRMATH_BENCH_BUDGET`` (seconds, default 12) is the timing budget per
 benchmark in enabled mode: rounds are chosen so that rounds x (one call) is
 about this long, within ``[MIN_ROUNDS, MAX_ROUNDS]``.
 
@@ -33,10 +33,10 @@ import pytest
 FULL = os.environ.get("LRMATH_BENCH_FULL", "0") == "1"
 HUGE = os.environ.get("LRMATH_BENCH_HUGE", "0") == "1"
 THREADS = int(os.environ.get("LRMATH_BENCH_THREADS", "1"))
-BUDGET_S = float(os.environ.get("LRMATH_BENCH_BUDGET", "8"))
+BUDGET_S = float(os.environ.get("LRMATH_BENCH_BUDGET", "12"))
 
 MIN_ROUNDS = 5
-MAX_ROUNDS = 50
+MAX_ROUNDS = 200
 # calls shorter than this are batched into iterations so that one round is
 # well above the timer's resolution and the per-round overhead
 MIN_ROUND_S = 2e-3
@@ -150,6 +150,36 @@ def thread_settings() -> dict:
     return out
 
 
+def source_state() -> dict:
+    """Fingerprint of the lrmath sources and the git HEAD, to detect a change during a run.
+
+    The tree is shared with other engineers: if lrmath changes between the
+    start and the end of a run, the numbers may mix two versions, and the
+    report says so.
+    """
+    import hashlib
+    import subprocess
+    from pathlib import Path
+
+    import lrmath
+
+    root = Path(lrmath.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root.parent, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    dirty = git("status", "--porcelain", "--", "lrmath")
+    return {"lrmath_sha256": digest.hexdigest()[:16], "git_head": git("rev-parse", "HEAD"),
+            "lrmath_uncommitted": bool(dirty) if dirty is not None else None}
+
+
 def machine_facts() -> dict:
     """What the generated page prints about the machine and the software."""
     import sys
@@ -168,6 +198,7 @@ def machine_facts() -> dict:
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "bench_threads": THREADS,
         "full_mode": FULL,
+        "huge_cpu": HUGE,
         "budget_s": BUDGET_S,
         "python": sys.version.split()[0],
         "numpy": np.__version__,

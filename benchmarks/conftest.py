@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ._harness import THREADS, Bench, machine_facts
+import os
+
+from ._harness import THREADS, Bench, machine_facts, source_state
+
+# facts taken when the first benchmark starts (pytest-benchmark asks for the
+# machine info only when it writes the JSON, at the end of the session)
+_AT_START: dict = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,6 +31,7 @@ def _bench_threads():
     except ImportError:
         torch = None
     before = torch.get_num_threads() if torch is not None else None
+    _AT_START.update(machine_facts(), source_at_start=source_state())
     with threadpool_limits(limits=THREADS):
         if torch is not None:
             torch.set_num_threads(THREADS)
@@ -40,5 +47,8 @@ def bench(benchmark):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    # the report prints these: CPU model, cores, threads, library versions, load
-    machine_info["lrmath_bench"] = machine_facts()
+    # the report prints these: CPU model, cores, threads, library versions, load, source state
+    facts = dict(_AT_START) if _AT_START else machine_facts()
+    facts["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    facts["source_at_end"] = source_state()
+    machine_info["lrmath_bench"] = facts

@@ -139,6 +139,19 @@ def checks_text(extra: dict) -> str:
 
 
 # ---------------------------------------------------------------------- output
+def source_text(facts: dict) -> str:
+    """The lrmath source fingerprint, and a warning if it changed while the run was going on."""
+    start, end = facts.get("source_at_start"), facts.get("source_at_end")
+    if not start or not end:
+        return "not recorded"
+    text = (f"sha256 {start['lrmath_sha256']} at HEAD {str(start['git_head'])[:12]}"
+            f"{' + uncommitted changes' if start.get('lrmath_uncommitted') else ''}")
+    if start["lrmath_sha256"] != end["lrmath_sha256"]:
+        text += (f"; **changed during the run** (sha256 {end['lrmath_sha256']} at the end): "
+                 "numbers may mix two versions")
+    return text
+
+
 def machine_section(data: dict) -> list[str]:
     mi = data.get("machine_info", {})
     facts = mi.get("lrmath_bench", {})
@@ -159,6 +172,9 @@ def machine_section(data: dict) -> list[str]:
         ("Threads per side (BLAS, OpenMP, torch)", facts.get("bench_threads")),
         ("Load average at start (1, 5, 15 min)",
          ", ".join(f"{x:.2f}" for x in load) if load else None),
+        ("Load average at end (1, 5, 15 min)",
+         ", ".join(f"{x:.2f}" for x in facts["loadavg_at_end"]) if facts.get("loadavg_at_end") else None),
+        ("lrmath sources", source_text(facts)),
         ("CUDA device", facts.get("cuda_device") or "none (CUDA parameters skipped)"),
         ("Python / numpy / scipy / scikit-learn / torch",
          " / ".join(str(facts.get(k)) for k in ("python", "numpy", "scipy", "sklearn", "torch"))),
@@ -226,6 +242,23 @@ def sweep_table(name: str, items: list[dict]) -> list[str]:
     return out
 
 
+def not_measured(data: dict) -> list[str]:
+    """What the suites define but this run could not time (skipped tests leave no JSON entry)."""
+    facts = data.get("machine_info", {}).get("lrmath_bench", {})
+    missing = []
+    if not facts.get("cuda_device"):
+        missing.append("All CUDA parameters (no CUDA device): batched `pca_truncate` vs a per-head "
+                       "`torch.linalg.eigh` loop (goal >= 3x), `Moments.update` on the GPU, and "
+                       "`whitened_svd` vs SVD-LLM on the GPU, including 4,096 x 11,008. Their goals are "
+                       "**not evaluated** here.")
+    if facts.get("full_mode") and not facts.get("huge_cpu"):
+        missing.append("`whitened_svd` at 4,096 x 11,008 on the CPU (minutes per call on this machine; "
+                       "`LRMATH_BENCH_HUGE=1` runs it).")
+    if not missing:
+        return []
+    return ["## Not measured in this run", ""] + [f"* {m}" for m in missing] + [""]
+
+
 def render(data: dict, source: str) -> str:
     groups = group_benchmarks(data.get("benchmarks", []))
     lines = ["# Benchmarks", "",
@@ -269,7 +302,7 @@ def render(data: dict, source: str) -> str:
                       f"{missed} missed." if missed else f"All {len(all_goals)} goals met in this run."]
     else:
         lines += ["No goals were recorded in this run."]
-    lines += [""]
+    lines += [""] + not_measured(data)
     if comparison:
         lines += ["## Comparisons", ""] + comparison
     if sweeps:
