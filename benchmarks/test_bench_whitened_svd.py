@@ -10,7 +10,9 @@ Reported per side: time, and the weighted error
 ``E = ||(W - left @ right) X||_F^2 = tr(A C A^T)`` it achieves, evaluated in
 float64, as a ratio to SVD-LLM's (goal: ours not worse, ``<= 1``) and as the
 excess over the optimum (tail sum of the squared singular values of ``W L``,
-computed in float64 outside every timer).
+computed in float64 outside every timer). Each side's factors are scored as
+it returns them (SVD-LLM's in float32, lrmath's in float64); casting either to
+a model's bf16 adds the same rounding to both.
 
 Inputs: ``W`` (m, n) float32 Gaussian; ``C = Q diag(lambda) Q^T`` with a random
 orthogonal ``Q`` and two spectra, so that neither side is judged on one

@@ -181,7 +181,7 @@ def machine_section(data: dict) -> list[str]:
         ("OS", f"{mi.get('system')} {mi.get('release')}"),
         ("Commit", f"{commit.get('id', '?')[:12]}{' (dirty tree)' if commit.get('dirty') else ''}"
                    f" on {commit.get('branch', '?')}"),
-        ("Run started", data.get("datetime")),
+        ("JSON written (end of the run)", data.get("datetime")),
         ("Sizes", "full (LRMATH_BENCH_FULL=1)" if facts.get("full_mode") else
          "SMALL (smoke sizes: not the issue's sizes)"),
     ]
@@ -271,9 +271,10 @@ def render(data: dict, source: str) -> str:
     lines += ["## Method", "",
               "* Both sides of a comparison get the same inputs; every answer is checked against the "
               "baseline's (or an independent reference) inside the benchmark module, outside the timer.",
-              "* One warm-up call, then rounds chosen so that a benchmark takes about "
+              "* One warm-up call, then timed rounds chosen so that a benchmark takes about "
               f"{data.get('machine_info', {}).get('lrmath_bench', {}).get('budget_s', '?')} s "
-              "(at least 5, at most 50); calls under 2 ms are batched into iterations per round.",
+              "(at least 5; the tables give rounds x iterations); calls under 2 ms are batched into "
+              "iterations per round.",
               "* Tables show the median and the interquartile range (IQR). *Speedup* = baseline median "
               "/ this median, measured side by side in this run; the range in brackets pairs the "
               "quartiles the unfavourable and the favourable way (baseline q1 / this q3 .. baseline "
