@@ -50,14 +50,14 @@ def _centred_sums(x, xp, gram_dtype=None):
     """
     mean = xp.mean(x, axis=-2)
     y = x - mean[..., None, :]
-    r2 = xp.sum(y * y, axis=-1)
+    r2 = xp.vecdot(y, y, axis=-1)  # no n x d temporaries (benchmarks/test_bench_shrinkage.py)
     if gram_dtype is None or gram_dtype == y.dtype:
         m2 = xp.matrix_transpose(y) @ y
     else:
         y_low = xp.astype(y, gram_dtype)
         m2 = xp.astype(xp.matrix_transpose(y_low) @ y_low, y.dtype)
-    m3 = xp.sum(r2[..., :, None] * y, axis=-2)
-    m4 = xp.sum(r2 * r2, axis=-1)
+    m3 = (r2[..., None, :] @ y)[..., 0, :]
+    m4 = xp.vecdot(r2, r2, axis=-1)
     return mean, m2, m3, m4
 
 
