@@ -130,10 +130,15 @@ def test_ledoit_wolf_intensity_is_accurate_in_exact_arithmetic(case, assume_cent
     Z = X if assume_centered else X - X.mean(axis=0)
     r2 = np.sum(Z * Z, axis=1)
     S = Z.T @ Z / len(Z)
-    cancelled = np.sum(r2 * r2) - len(Z) * np.sum(S * S)  # beta * n^2 p
-    kappa = (np.sum(r2 * r2) + len(Z) * np.sum(S * S)) / cancelled if cancelled > 0 else 1.0
-    tol = tolerance(n=X.shape[0] * X.shape[1], kappa=kappa)
-    assert abs(got - float(exact)) <= tol * float(exact) + 1e-300, (got, float(exact))
+    n, p = X.shape
+    # beta * n^2 p = sum|z|^4 - n ||S||^2 cancels: its rounding is relative to the terms, not to beta.
+    # Divided by delta this bounds the error of s; for beta > 0 it equals kappa * s with
+    # kappa = (terms) / (difference), and it stays meaningful when beta is exactly 0.
+    terms = np.sum(r2 * r2) + n * np.sum(S * S)
+    delta = np.sum((S - np.trace(S) / p * np.eye(p)) ** 2) / p
+    scale = terms / (n * n * p * delta) if delta > 0 else 0.0
+    tol = tolerance(n=n * p)
+    assert abs(got - float(exact)) <= tol * scale + 1e-300, (got, float(exact))
 
 
 @given(batch=st.integers(1, 3), case=samples(min_n=2, max_n=30, max_p=6))
