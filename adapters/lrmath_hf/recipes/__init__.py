@@ -47,6 +47,7 @@ _MODULES = {
     "flat": "flat",
     "flat-paper": "flat",
     "auto": "auto",
+    "global": "auto",
     "latent": "latent",
     "flar": "flar",
 }
