@@ -20,6 +20,7 @@ __all__ = [
     "check_symmetric",
     "check_rank",
     "check_nonnegative_scalar",
+    "check_int",
     "symmetry_tolerance",
     "dtype_eps",
 ]
@@ -95,6 +96,17 @@ def check_rank(name: str, r, upper: int, lower: int = 0) -> int:
     if not lower <= r_int <= upper:
         raise ValueError(f"{name} = {r_int} is outside [{lower}, {upper}]")
     return r_int
+
+
+def check_int(name: str, value, minimum: int = 0) -> int:
+    """An integer (``operator.index``) of at least ``minimum``."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
 
 
 def check_nonnegative_scalar(name: str, value) -> float:

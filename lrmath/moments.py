@@ -10,7 +10,7 @@ import numpy as np
 from array_api_compat import to_device
 
 from ._backend import as_work, device_of, from_numpy, namespace, to_numpy, work_dtype
-from ._validation import check_array, check_finite
+from ._validation import check_array, check_finite, check_int
 
 __all__ = ["FORMAT_VERSION", "Moments", "PowerSums"]
 
@@ -146,7 +146,7 @@ class Moments:
     """
 
     def __init__(self, dim: int, *, batch_shape: tuple[int, ...] = (), device=None):
-        self.dim = _positive_int("dim", dim)
+        self.dim = check_int("dim", dim, 1)
         try:
             shape = tuple(operator.index(s) for s in batch_shape)
         except TypeError:
@@ -385,14 +385,6 @@ def _zero_state(xp, batch_shape, dim, dtype, device):
             xp.zeros(batch_shape, dtype=dtype, device=device))
 
 
-def _positive_int(name, value) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-    return v
 
 
 def _host_int(name, value) -> int:

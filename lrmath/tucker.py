@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any, NamedTuple
 
 from ._backend import as_work, device_of, namespace
-from ._validation import check_array, check_finite, check_nonnegative_scalar, check_rank
+from ._validation import check_array, check_finite, check_nonnegative_scalar, check_rank, check_int
 
 __all__ = ["JointSubspaces", "joint_subspaces"]
 
@@ -143,7 +142,7 @@ def joint_subspaces(G, ranks, *, weights=None, max_iter: int = 50, tol: float = 
     r1, r2 = _parse_ranks(ranks, d1, d2)
     P1 = _parse_weight(weights, 0, d1, r1, stack.like)
     P2 = _parse_weight(weights, 1, d2, r2, stack.like)
-    max_iter = _nonnegative_int("max_iter", max_iter)
+    max_iter = check_int("max_iter", max_iter, 0)
     tol = check_nonnegative_scalar("tol", tol)
     stack = stack.weighted(_factor(P1), _factor(P2))
 
@@ -348,12 +347,4 @@ def _factor(P):
     return None if P is None else (P.factor if hasattr(P, "factor") else P)
 
 
-def _nonnegative_int(name, value):
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any, NamedTuple
 
 from ._backend import as_work, cholesky_or_none, device_of, namespace, solve_triangular
-from ._validation import check_array, check_finite, check_nonnegative_scalar, check_rank
+from ._validation import check_array, check_finite, check_nonnegative_scalar, check_rank, check_int
 from .svd import whitened_svd
 from .whitening import whiten
 
@@ -152,7 +151,7 @@ def joint_mlp(W_up, W_down, X, ranks, *, Y=None, alpha: float = 1.0, beta: float
     alpha, beta, gamma = (_positive(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)))
     damping = check_nonnegative_scalar("damping", damping)
     tol = check_nonnegative_scalar("tol", tol)
-    max_iter = _nonnegative_int("max_iter", max_iter)
+    max_iter = check_int("max_iter", max_iter, 0)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS} (closed-form Z update), got {activation!r}; "
                          "for GELU / SiLU-gated MLPs use lrmath.nystrom_select or lrmath.whitened_svd")
@@ -300,11 +299,3 @@ def _positive(name, value):
     return v
 
 
-def _nonnegative_int(name, value):
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
