@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         for ratio in args.ratios:
             trial = copy.deepcopy(model)
             t0 = time.perf_counter()
-            result = get_recipe(name)(trial, spec, None, ratio=ratio, progress=False, stats=stats, **opts)
+            get_recipe(name)(trial, spec, None, ratio=ratio, progress=False, stats=stats, **opts)
             decide = time.perf_counter() - t0
             achieved = 1 - linear_parameters(trial, spec) / before
             ppl = perplexity(trial, evals, progress=False)

@@ -175,7 +175,7 @@ def _layer_output(out):
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
-    layers: nn.ModuleList,
+    layers,
     batches: Iterable,
     plan: CalibrationPlan,
     *,
@@ -190,7 +190,7 @@ def calibrate(
     ----------
     model : torch.nn.Module
         A Hugging Face model; it runs only up to its first layer.
-    layers : torch.nn.ModuleList
+    layers : sequence of torch.nn.Module
         The transformer layers, in order (from the architecture spec).
     batches : iterable
         Token-id tensors ``(batch, seq)``, ``pixel_values`` tensors, or dicts of

@@ -14,7 +14,7 @@ import lrmath
 
 from ..calibrate import CalibrationPlan, calibrate
 from ..modules import FactorizedLinear, count_parameters
-from ..specs import ArchSpec, get_layer, get_linear, iter_layers, set_linear
+from ..specs import ArchSpec, get_linear, iter_layers, set_linear
 
 __all__ = [
     "group_name",
@@ -81,8 +81,7 @@ def run_calibration(model, spec: ArchSpec, batches, plan: CalibrationPlan, *, pr
                     sequential: bool = False, on_layer=None):
     """Calibrate ``model`` layer by layer (see :func:`lrmath_hf.calibrate.calibrate`)."""
     layers = [layer for _, layer in iter_layers(model, spec)]
-    return calibrate(model, nn.ModuleList(layers) if not isinstance(layers, nn.ModuleList) else layers,
-                     batches, plan, sequential=sequential, on_layer=on_layer, progress=progress)
+    return calibrate(model, layers, batches, plan, sequential=sequential, on_layer=on_layer, progress=progress)
 
 
 @contextmanager
@@ -93,7 +92,3 @@ def timer(timings: dict, key: str):
         yield
     finally:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
-
-
-def layer_of(model, spec, index):
-    return get_layer(model, index, spec)

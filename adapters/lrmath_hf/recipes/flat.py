@@ -54,7 +54,7 @@ def _ranks(spec: ArchSpec, w: float) -> tuple[int, int]:
 
 def layer_parameters(spec: ArchSpec, w: float, *, qk: bool) -> int:
     """Parameters of one layer's q, k, v, o, gate, up, down at kept fraction ``w``."""
-    n, d, H, G, f = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.intermediate_size
+    n, d, H, G = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
     r, k = _ranks(spec, w)
     qk_params = (H + G) * r * (n + d) if qk else (H + G) * d * n
     mlp = (3 if spec.mlp_kind == "gated" else 2) * n * k

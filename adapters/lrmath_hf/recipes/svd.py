@@ -18,7 +18,6 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-import torch
 
 import lrmath
 
