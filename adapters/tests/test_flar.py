@@ -14,7 +14,14 @@ import lrmath_hf
 from lrmath_hf.io import load_compressed, save_compressed
 from lrmath_hf.latency import LatencyTable, Timing
 from lrmath_hf.modules import FactorizedLinear
-from lrmath_hf.recipes.flar import _FeatureProbe, _Linear, reference_intensity, rescale_ranks, shrunk_covariance
+from lrmath_hf.recipes.flar import (
+    _FeatureProbe,
+    _Linear,
+    reference_intensity,
+    rescale_ranks,
+    shrunk_covariance,
+    slope_ranks,
+)
 from lrmath_hf.specs import get_linear, get_spec, iter_layers
 
 from .test_vision_specs import pixel_batch, tiny_vision_model
@@ -43,10 +50,11 @@ def _linear_budget_step(spec):
 
 
 @pytest.mark.parametrize("criterion", ["feature", "weight"])
-def test_ratio_is_met_on_the_rank_grid(dense, criterion):
+@pytest.mark.parametrize("allocation", ["slope", "threshold"])
+def test_ratio_is_met_on_the_rank_grid(dense, criterion, allocation):
     model = copy.deepcopy(dense)
     spec = get_spec(model)
-    report = _compress(model, 0.3, criterion=criterion)
+    report = _compress(model, 0.3, criterion=criterion, allocation=allocation)
     assert 0.3 <= report.ratio_achieved <= 0.3 + _linear_budget_step(spec) + 0.01  # + biases of fc1 / o ...
     for name, rank in report.ranks.items():
         layer, role = name.split(".")
@@ -55,30 +63,32 @@ def test_ratio_is_met_on_the_rank_grid(dense, criterion):
             assert type(module) is nn.Linear
         else:
             assert rank % 8 == 0 and 8 <= rank < lrmath.k_equiv(*spec.shape(role)) and module.rank == rank
-    assert report.details["criterion"] == criterion
+    assert report.details["criterion"] == criterion and report.details["allocation"] == allocation
 
 
-def test_feature_search_counts_every_block_forward(dense):
+@pytest.mark.parametrize("allocation", ["slope", "threshold"])
+def test_feature_search_counts_every_block_forward(dense, allocation):
     model = copy.deepcopy(dense)
     calls = []
     for _, layer in iter_layers(model):
         layer.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
-    report = _compress(model, 0.4, criterion="feature", search_images=6)
+    report = _compress(model, 0.4, criterion="feature", allocation=allocation, search_images=6)
     passes = report.details["forward_passes"]
     # per calibration batch: the capture pass stopped at block 0, then every block once
     calibration_calls = 3 * (1 + get_spec(model).num_layers)
     assert len(calls) == calibration_calls + passes["block_runs"]
     assert calls[calibration_calls:] == [6] * passes["block_runs"]  # the search sees only its 6 images
-    # one tail pass for the dense reference, one for the uniform threshold, one per new criterion value
-    assert passes["tail_passes"] == 2 + report.details["search_calls"]
+    # the dense reference, (threshold: the uniform compression,) one per criterion value
+    assert passes["tail_passes"] == 1 + (allocation == "threshold") + report.details["search_calls"]
+    if allocation == "slope":
+        assert report.details["search_calls"] == 12  # one gain measurement per linear
     assert passes["full_forward_equivalent"] == pytest.approx(passes["block_runs"] / 2)
 
 
 def test_feature_search_finds_the_smallest_rank_under_the_threshold(dense):
     model = copy.deepcopy(dense)
-    report = _compress(model, 0.3, criterion="feature", search_images=6)
-    threshold = report.details["threshold"]["per_linear_nmse"]
-    assert threshold == pytest.approx(report.details["threshold"]["uniform_nmse"] / 12)
+    report = _compress(model, 0.3, criterion="feature", allocation="threshold", search_images=6)
+    threshold = report.details["threshold"]
     # Re-evaluate the criterion around the searched rank of each linear on the dense model.
     fresh = copy.deepcopy(dense)
     spec = get_spec(fresh)
@@ -101,17 +111,22 @@ def test_feature_search_finds_the_smallest_rank_under_the_threshold(dense):
 
 def test_search_memo_reuses_values_across_ratios(dense):
     memo = {}
-    first = _compress(copy.deepcopy(dense), 0.2, criterion="feature", search_memo=memo)
-    second = _compress(copy.deepcopy(dense), 0.3, criterion="feature", search_memo=memo)
+    first = _compress(copy.deepcopy(dense), 0.2, criterion="feature", allocation="threshold", search_memo=memo)
+    second = _compress(copy.deepcopy(dense), 0.3, criterion="feature", allocation="threshold", search_memo=memo)
     assert first.details["forward_passes"]["memo_hits"] == 0
     assert second.details["forward_passes"]["memo_hits"] > 0
     assert len(memo) == first.details["search_calls"] + second.details["search_calls"] - \
         second.details["forward_passes"]["memo_hits"]
 
 
-def test_weight_criterion_needs_no_forward_pass(dense):
-    report = _compress(copy.deepcopy(dense), 0.3, criterion="weight")
-    assert report.details["forward_passes"]["search"] == 0 and report.details["search_calls"] > 0
+@pytest.mark.parametrize("allocation", ["slope", "threshold"])
+def test_weight_criterion_needs_no_forward_pass(dense, allocation):
+    report = _compress(copy.deepcopy(dense), 0.3, criterion="weight", allocation=allocation)
+    assert report.details["forward_passes"]["search"] == 0
+    if allocation == "slope":
+        assert report.details["search_calls"] == 0  # the gain is the inverse whitened energy: no evaluation
+    else:
+        assert report.details["search_calls"] >= 12  # every bisection evaluates the cosine at least once
 
 
 def test_reference_intensity_is_rounding_noise_and_ledoit_wolf_is_not():
@@ -178,6 +193,27 @@ def test_rescale_meets_the_budget_and_respects_caps():
     assert ranks == sorted(ranks)
 
 
+def test_slope_allocation_equalises_marginal_error_under_caps():
+    shapes = [(64, 64), (64, 64), (128, 64)]
+    spectra = [np.geomspace(10.0, 1e-3, 64), np.geomspace(1.0, 1e-4, 64), np.geomspace(5.0, 1e-3, 64)]
+    total = sum(m * n for m, n in shapes)
+    ranks = slope_ranks(spectra, shapes, 0.5 * total)
+    assert _cost_of(ranks, shapes) <= 0.5 * total and ranks[0] > ranks[1]  # more energy, more rank
+    # Greedy optimality against every grid allocation of the same budget (small enough to enumerate).
+    def dropped(rs):
+        return sum(float(s[r:].sum()) if r else 0.0 for s, r in zip(spectra, rs))
+    grid = [range(8, lrmath.k_equiv(m, n), 8) for m, n in shapes]
+    best = min(dropped(rs) for rs in np.array(np.meshgrid(*grid)).reshape(3, -1).T
+               if _cost_of(rs, shapes) <= 0.5 * total)
+    assert dropped(ranks) <= best + max(float(s[:8].sum()) for s in spectra)  # within one block (LP gap)
+    capped = slope_ranks(spectra, shapes, 0.5 * total, caps=[8, 64, 64])
+    assert capped[0] is None and _cost_of(capped, shapes) <= 0.5 * total  # wanted more than 8: dense
+
+
+def _cost_of(ranks, shapes):
+    return sum(r * (m + n) if r is not None else m * n for r, (m, n) in zip(ranks, shapes))
+
+
 def test_latency_aware_factorises_only_where_the_pair_is_faster(dense):
     # Fake device: pairs of the 64 x 64 linears are never faster; MLP pairs up to rank 16.
     def timer(tokens, in_features, out_features, rank):
@@ -186,8 +222,8 @@ def test_latency_aware_factorises_only_where_the_pair_is_faster(dense):
 
     table = LatencyTable(cache_dir=False, timer=timer)
     model = copy.deepcopy(dense)
-    report = _compress(model, 0.3, criterion="weight", latency_aware=True, latency_table=table,
-                       measure_latency=True)
+    report = _compress(model, 0.3, criterion="weight", allocation="threshold", latency_aware=True,
+                       latency_table=table, measure_latency=True)
     for name, rank in report.ranks.items():
         role = name.split(".")[1]
         if role in ("q", "k", "v", "o"):
@@ -215,5 +251,7 @@ def test_saved_flar_model_reloads_bit_exact(dense, tmp_path):
 def test_bad_options_are_refused(dense):
     with pytest.raises(ValueError, match="criterion"):
         _compress(copy.deepcopy(dense), criterion="hessian")
+    with pytest.raises(ValueError, match="allocation"):
+        _compress(copy.deepcopy(dense), allocation="greedy")
     with pytest.raises(ValueError, match="shrinkage"):
         _compress(copy.deepcopy(dense), shrinkage="sklearn")

@@ -1,31 +1,15 @@
-"""FLAR-SVD for ViT-family encoders: shrinkage whitening, bisection rank search, measured-latency ranks.
+"""FLAR-SVD for ViT-family encoders: shrinkage whitening, rank search, measured-latency ranks.
 
-``lrmath_hf.compress(model, pixel_batches, recipe="flar", ratio=...)`` runs, per
-encoder linear (q, k, v, o, fc1, fc2 of every block):
-
-1. calibration: one :class:`lrmath.Moments` of the inputs per shared-input
-   group ({q, k, v}, {o}, {fc1}, {fc2});
-2. shrinkage of the covariance toward ``mu I`` with a real estimator
-   (:func:`lrmath.ledoit_wolf` by default, :func:`lrmath.oas`, a fixed
-   intensity, none, or the reference code's intensity, which is ~0);
-3. Cholesky whitening with relative damping (:func:`lrmath.whiten`) and ONE
-   whitened SVD per linear (:func:`lrmath.whitened_svd` at full rank): every
-   candidate rank is a slice of it;
-4. a rank per linear by :func:`lrmath.bisect_rank` over multiples of 8 below
-   ``k_equiv``, on the weight-space cosine or on the normalised final-feature
-   MSE with only that linear compressed;
-5. all ranks rescaled by one factor to hit the target ratio (multiples of 8,
-   leftover budget to the largest remainders);
-6. with ``latency_aware``, a linear is factorised only at ranks where the pair
-   is measurably faster than the dense linear ON THIS DEVICE
-   (:class:`lrmath_hf.latency.LatencyTable`); elsewhere it stays dense.
+Input moments per shared-input group; shrinkage (:func:`lrmath.ledoit_wolf` by
+default); Cholesky whitening and ONE whitened SVD per linear (every candidate
+rank is a slice of it); ranks (multiples of 8 below ``k_equiv``) from a criterion
+by FLAR's bisection + rescale or by equal marginal error per parameter; with
+``latency_aware``, factorised only where measurably faster here.  See docs/vit.md.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -41,11 +25,12 @@ from ..specs_vision import final_norm
 from . import RecipeResult, register
 from .common import group_name, input_plan, run_calibration, timer, weight64
 
-__all__ = ["SHRINKAGE", "CRITERIA", "run_flar", "flar_statistics", "shrunk_covariance", "reference_intensity",
-           "rescale_ranks"]
+__all__ = ["SHRINKAGE", "CRITERIA", "ALLOCATIONS", "run_flar", "flar_statistics", "shrunk_covariance",
+           "reference_intensity", "rescale_ranks", "slope_ranks"]
 
 SHRINKAGE = ("ledoit_wolf", "oas", "reference", "none")
 CRITERIA = ("feature", "weight", "uniform")
+ALLOCATIONS = ("slope", "threshold")
 
 
 def flar_statistics(model, spec: ArchSpec, batches, *, progress: bool = False):
@@ -54,41 +39,30 @@ def flar_statistics(model, spec: ArchSpec, batches, *, progress: bool = False):
 
 
 def reference_intensity(S: torch.Tensor) -> float:
-    r"""The reference code's "Ledoit-Wolf" intensity, reproduced in float32 to show what it does.
+    r"""The reference code's "Ledoit-Wolf" intensity, reproduced to show what it does.
 
-    :math:`T = \bar{s} I` with :math:`\bar s` the mean diagonal of ``S``, and
-    :math:`\lambda = \mathrm{clip}(10^{10} (\mathrm{tr} S - \mathrm{tr} T) / \|S - T\|_F^2, 0, 1)`.
-    The numerator is zero in exact arithmetic (``tr T = tr S``), so the result
-    is float32 rounding noise amplified by :math:`10^{10}`; it is not Ledoit-Wolf.
+    :math:`\lambda = \mathrm{clip}(10^{10} (\mathrm{tr} S - \mathrm{tr} T) / \|S - T\|_F^2, 0, 1)`
+    with :math:`T = \bar s I`, :math:`\bar s` the mean diagonal, on the float64
+    statistic.  ``tr T = tr S`` exactly, so this is rounding noise times
+    :math:`10^{10}` (about 0 here; 1e-5..3e-3 in the reference runs), not Ledoit-Wolf.
     """
-    S32 = S.to(torch.float32)
-    target = torch.diagonal(S32).mean() * torch.eye(S32.shape[-1], dtype=torch.float32)
-    numerator = torch.trace(S32) - torch.trace(target)
-    denominator = ((S32 - target) ** 2).sum()
-    return float(torch.clamp(1e10 * numerator / denominator, 0.0, 1.0)) if denominator > 0 else 0.0
+    S = S.to(torch.float64)
+    target = torch.diagonal(S).mean() * torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    denominator = ((S - target) ** 2).sum()
+    if denominator <= 0:
+        return 0.0
+    return float(torch.clamp(1e10 * (torch.trace(S) - torch.trace(target)) / denominator, 0.0, 1.0))
 
 
 def shrunk_covariance(moments: lrmath.Moments, shrinkage: Any = "ledoit_wolf", *, center: bool = True):
-    """The shrunk input statistic of one group and the intensity used.
+    """``((1 - s) S + s mu I, s)`` for one input group.
 
-    Parameters
-    ----------
-    moments : lrmath.Moments
-        Input rows of the group.
-    shrinkage : {"ledoit_wolf", "oas", "reference", "none"} or float
-        Estimator of the intensity ``s`` in ``(1 - s) S + s mu I``, or a fixed ``s``.
-    center : bool
-        ``S`` is the covariance (True) or the uncentred second moment ``X^T X / n``.
-
-    Returns
-    -------
-    covariance : torch.Tensor
-        float64, ``(p, p)``.
-    intensity : float
+    ``shrinkage``: ``"ledoit_wolf"``, ``"oas"``, ``"reference"`` (:func:`reference_intensity`),
+    ``"none"`` or a fixed ``s`` in [0, 1].  ``S`` is the covariance (``center``) or
+    the uncentred second moment.  Returns a float64 ``(p, p)`` tensor and ``s``.
     """
-    if shrinkage == "ledoit_wolf" or shrinkage == "oas":
-        estimator = lrmath.ledoit_wolf if shrinkage == "ledoit_wolf" else lrmath.oas
-        res = estimator(moments, assume_centered=not center)
+    if shrinkage in ("ledoit_wolf", "oas"):
+        res = (lrmath.ledoit_wolf if shrinkage == "ledoit_wolf" else lrmath.oas)(moments, assume_centered=not center)
         return res.covariance, float(res.shrinkage)
     S = moments.covariance() if center else moments.second_moment()
     if shrinkage == "none":
@@ -97,68 +71,79 @@ def shrunk_covariance(moments: lrmath.Moments, shrinkage: Any = "ledoit_wolf", *
     return lrmath.shrink(S, s), s
 
 
+def _cost(ranks, shapes) -> int:
+    return sum(r * (m + n) if r is not None else m * n for r, (m, n) in zip(ranks, shapes))
+
+
 def rescale_ranks(ranks, shapes, budget: float, *, multiple: int = 8, caps=None):
-    r"""Scale all ranks by one factor so the factorised parameters meet ``budget``.
+    r"""FLAR's rescale: one factor on all searched ranks so the parameters meet ``budget``.
 
-    Parameters
-    ----------
-    ranks : sequence of int or None
-        Searched ranks (``None``: the linear needed ``k_equiv`` or more).
-    shapes : sequence of (m, n)
-    budget : float
-        Parameters allowed for these linears: ``(1 - ratio) sum m n``.
-    multiple : int
-        Ranks are multiples of this, at least ``multiple``.
-    caps : sequence of int, optional
-        Largest rank each linear may be factorised at (latency); above it the
-        linear stays dense. ``k_equiv`` always applies.
-
-    Returns
-    -------
-    list of int or None
-        Final ranks; ``None`` means dense.
+    ``ranks``: searched ranks (``None``: needed ``k_equiv`` or more); ``shapes``:
+    ``(m, n)``; ``caps``: largest rank each linear may be factorised at (latency).
+    Returns ranks, ``None`` for dense.
 
     Notes
     -----
-    With :math:`c_\ell(r) = r (m_\ell + n_\ell)` if :math:`r < k_{\mathrm{equiv}}`
-    and :math:`r \le \mathrm{cap}_\ell`, else :math:`m_\ell n_\ell` (dense), the
-    total :math:`\sum_\ell c_\ell(\lfloor \alpha r_\ell \rfloor_{8})` is
-    non-decreasing in :math:`\alpha`; the largest :math:`\alpha` within budget is
-    found by bisection, then linears with the largest rounding remainders get
-    one more step of ``multiple`` while the budget allows (FLAR-SVD rescales and
-    rounds down; the remainders recover up to ``multiple (m + n)`` per linear).
+    With :math:`c_\ell(r) = r (m_\ell + n_\ell)` for :math:`8 \le r \le \min(\mathrm{cap}_\ell, k_{\mathrm{equiv}} - 1)`
+    and :math:`m_\ell n_\ell` (dense) otherwise, :math:`\sum_\ell c_\ell(\lfloor \alpha r_\ell \rfloor_8)`
+    is non-decreasing in :math:`\alpha`; the largest :math:`\alpha` within budget is
+    bisected, then the largest rounding remainders get one more step while the budget allows.
     """
     keq = [lrmath.k_equiv(m, n) for m, n in shapes]
     base = np.array([k if r is None else r for r, k in zip(ranks, keq)], dtype=float)
-    caps = [k - 1 for k in keq] if caps is None else [min(c, k - 1) for c, k in zip(caps, keq)]
-
-    def final(r, i):
-        return r if multiple <= r <= caps[i] else None
-
-    def cost(rs):
-        return sum(r * (m + n) if r is not None else m * n for r, (m, n) in zip(rs, shapes))
+    top = [k - 1 if caps is None else min(c, k - 1) for c, k in zip(caps or keq, keq)]
 
     def at(alpha):
-        return [final(max(multiple, int(alpha * b) // multiple * multiple), i) for i, b in enumerate(base)]
+        out = [max(multiple, int(alpha * b) // multiple * multiple) for b in base]
+        return [r if r <= t else None for r, t in zip(out, top)]
 
     lo, hi = 0.0, float(max(keq)) / max(base.min(), 1.0) + 1.0
-    if cost(at(lo)) > budget:
-        return at(lo)  # even the smallest ranks miss the budget: the closest one can get
+    if _cost(at(lo), shapes) > budget:
+        return at(lo)  # even the smallest ranks miss the budget
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(at(mid)) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if _cost(at(mid), shapes) <= budget else (lo, mid)
     out = at(lo)
-    spent = cost(out)
-    # what rounding took from each linear (negative where the floor at ``multiple`` gave more)
-    remainder = (lo * base - np.array([r or 0 for r in out])) / multiple
+    spent = _cost(out, shapes)
+    remainder = (lo * base - np.array([r or 0 for r in out])) / multiple  # what rounding took
     for i in np.argsort(-remainder, kind="stable"):
-        if out[i] is None:
-            continue
-        step = final(out[i] + multiple, i)
-        m, n = shapes[i]
-        if step is not None and spent + multiple * (m + n) <= budget:
-            out[i], spent = step, spent + multiple * (m + n)
+        step = multiple * sum(shapes[i])
+        if out[i] is not None and out[i] + multiple <= top[i] and spent + step <= budget:
+            out[i], spent = out[i] + multiple, spent + step
     return out
+
+
+def slope_ranks(spectra, shapes, budget: float, *, multiple: int = 8, caps=None):
+    r"""Ranks with equal marginal error per parameter (``allocation="slope"``).
+
+    ``spectra``: per linear, descending :math:`g_\ell \sigma_{\ell,i}^2` (the modelled
+    error of dropping component ``i``); other arguments as in :func:`rescale_ranks`.
+
+    Notes
+    -----
+    Minimises :math:`\sum_\ell g_\ell \sum_{i > r_\ell} \sigma_{\ell,i}^2` s.t.
+    :math:`\sum_\ell c_\ell(r_\ell) \le B` with :func:`lrmath.allocate_ranks` (a
+    certified greedy).  The top grid rank below ``k_equiv`` may cost about ``m n``:
+    there the linear stays dense.  A linear allotted more than its latency cap
+    turns dense, its ``m n`` leaves the budget, and the others are re-allocated
+    until no cap is exceeded.
+    """
+    keq = [lrmath.k_equiv(m, n) for m, n in shapes]
+    top = [lrmath.round_rank(k, multiple) for k in keq]  # the top grid point means dense
+    caps = top if caps is None else caps
+    dense: set[int] = set()
+    while True:
+        live = [i for i in range(len(shapes)) if i not in dense]
+        left = budget - sum(shapes[i][0] * shapes[i][1] for i in dense)
+        if not live or left < multiple * sum(sum(shapes[i]) for i in live):
+            return [None if i in dense else multiple for i in range(len(shapes))]  # the closest one can get
+        alloc = lrmath.allocate_ranks([spectra[i] for i in live], left, cost=np.array([float(sum(shapes[i])) for i in live]),
+                                      multiple=multiple, min_rank=multiple, max_rank=np.array([top[i] for i in live]))
+        ranks = dict(zip(live, (int(r) for r in alloc.ranks)))
+        over = {i for i, r in ranks.items() if r >= keq[i] or r > caps[i]}
+        if not over - {i for i, r in ranks.items() if r >= keq[i]}:
+            return [None if i in dense or ranks[i] >= keq[i] else ranks[i] for i in range(len(shapes))]
+        dense |= {i for i in over if ranks[i] < keq[i]}
 
 
 class _Linear:
@@ -169,6 +154,7 @@ class _Linear:
         self.dtype, self.device = dense.weight.dtype, dense.weight.device
         self.svd, self.mean = svd, mean
         self.shape = tuple(self.weight.shape)
+        self.energy = (svd.singular_values.double() ** 2).cpu()
 
     def module(self, rank: int) -> FactorizedLinear:
         """Rank-``rank`` slice; with a mean, the bias absorbs ``(W - W_r) m`` (zero mean output error)."""
@@ -181,7 +167,7 @@ class _Linear:
 
 
 class _FeatureProbe:
-    """Final features of search images with one or more linears swapped, run from the first changed block."""
+    """Final features of search images with linears swapped, run from the first changed block."""
 
     def __init__(self, model, spec, pixels):
         self.model, self.spec, self.norm = model, spec, final_norm(model)
@@ -204,10 +190,10 @@ class _FeatureProbe:
         """``||F' - F||^2 / ||F||^2`` with ``swaps`` ({(layer, role): module}) installed."""
         old = {key: set_linear(self.model, key[0], key[1], module, self.spec) for key, module in swaps.items()}
         try:
-            args, kwargs = self.inputs[start]
-            hidden = args[0]
+            hidden = self.inputs[start][0][0]
             for index in range(start, len(self.layers)):
-                hidden = _layer_output(self.layers[index](hidden, *self.inputs[index][0][1:], **self.inputs[index][1]))
+                args, kwargs = self.inputs[index]
+                hidden = _layer_output(self.layers[index](hidden, *args[1:], **kwargs))
             features = self.norm(hidden).double()
         finally:
             for key, module in old.items():
@@ -216,24 +202,26 @@ class _FeatureProbe:
         self.block_runs += len(self.layers) - start
         return float(((features - self.reference) ** 2).sum()) / self.energy
 
+    def counts(self) -> dict[str, Any]:
+        return {"search_images": int(self.reference.shape[0]), "tail_passes": self.tail_passes,
+                "block_runs": self.block_runs, "full_forward_equivalent": self.block_runs / len(self.layers)}
+
 
 def _pixels(batches, count: int) -> torch.Tensor:
-    tensors = [b["pixel_values"] if isinstance(b, dict) else b for b in batches]
-    return torch.cat(tensors)[:count]
+    return torch.cat([b["pixel_values"] if isinstance(b, dict) else b for b in batches])[:count]
 
 
 def _uniform_rank(m: int, n: int, ratio: float) -> int:
-    # SVD-LLM's rule: the same parameter ratio for every matrix.
-    return max(1, int(m * n * (1.0 - ratio) / (m + n)))
+    return max(1, int(m * n * (1.0 - ratio) / (m + n)))  # SVD-LLM: one parameter ratio for every matrix
 
 
 @register("flar")
 def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True,
-             shrinkage: Any = "ledoit_wolf", criterion: str = "feature", latency_aware: bool = True,
-             center: bool = True, damping: float = 1e-6, multiple: int = 8, search_images: int = 16,
-             latency_batch: int = 1, latency_margin: float = 0.05, latency_cache_dir: Any = None,
-             latency_table: LatencyTable | None = None, measure_latency: bool | None = None,
-             statistics=None, search_memo: dict | None = None) -> RecipeResult:
+             shrinkage: Any = "ledoit_wolf", criterion: str = "feature", allocation: str = "slope",
+             latency_aware: bool = True, center: bool = True, damping: float = 1e-6, multiple: int = 8,
+             search_images: int = 16, latency_batch: int = 1, latency_margin: float = 0.05,
+             latency_cache_dir: Any = None, latency_table: LatencyTable | None = None,
+             measure_latency: bool | None = None, statistics=None, search_memo: dict | None = None) -> RecipeResult:
     """FLAR-SVD (Thoma et al., CVPR 2025 Workshops) for ViT / DeiT / DINOv2 encoders.
 
     Parameters
@@ -241,56 +229,51 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     ratio : float
         Fraction of the encoder linears' parameters to remove.
     shrinkage : {"ledoit_wolf", "oas", "reference", "none"} or float
-        See :func:`shrunk_covariance`; ``"reference"`` reproduces the public
-        code's intensity (~0), a float is a fixed intensity (1.0 = plain SVD).
+        Intensity estimator (:func:`shrunk_covariance`); 1.0 gives plain SVD.
     criterion : {"feature", "weight", "uniform"}
-        ``feature``: normalised final-feature MSE with only that linear
-        compressed, threshold = MSE of uniform compression at ``ratio`` / number
-        of linears. ``weight``: cosine between ``W S`` and its rank-r slice,
-        threshold = the mean cosine of uniform compression at ``ratio``.
-        ``uniform``: SVD-LLM's one ratio for every matrix (no search, no rescale).
+        ``e_l(r)``: final-feature NMSE with only linear ``l`` at rank ``r``; or
+        ``1 - cos(W S, (W S)_r)``; or SVD-LLM's uniform ratio (no search).
+    allocation : {"slope", "threshold"}
+        ``threshold`` (the paper): per linear the smallest rank with
+        ``e_l(r) <= tau`` by :func:`lrmath.bisect_rank` (``tau`` = uniform
+        compression's NMSE / number of linears, or its mean ``1 - cos``), then
+        :func:`rescale_ranks`.  ``slope``: ``e_l(r) ~ g_l sum_{i>r} sigma_i^2``
+        with ``g_l`` measured once per linear at its uniform rank, then
+        :func:`slope_ranks`.
     latency_aware : bool
-        Factorise only at ranks where the pair is measurably faster here.
+        Factorise only at ranks where the pair is measurably faster here
+        (:class:`~lrmath_hf.latency.LatencyTable`, ``latency_batch`` images per
+        forward, ``latency_margin``, ``latency_cache_dir`` or ``latency_table``).
     center : bool
-        Whiten with the centred covariance and let the bias absorb the mean
-        error (optimal for a biased linear); else the uncentred second moment.
-    damping : float
-        Relative Cholesky damping (``damping * mean(diag C)``).
-    multiple : int
-        Rank grid.
+        Whiten the centred covariance and let the bias absorb the mean error.
+    damping, multiple : float, int
+        Relative Cholesky damping; rank grid.
     search_images : int
-        Calibration images whose final features the ``feature`` search compares.
-    latency_batch, latency_margin, latency_cache_dir, latency_table
-        Images per timed forward (rows = ``latency_batch`` x tokens per image);
-        the "measurably faster" margin; where the JSON table lives; or a table
-        to use instead.
+        Calibration images the ``feature`` criterion compares.
     measure_latency : bool, optional
-        Time the dense and compressed model end to end (default: ``latency_aware``).
+        Time dense and compressed model end to end (default: ``latency_aware``).
     statistics : CalibrationResult, optional
-        From :func:`flar_statistics` on the same dense model: skips calibration.
+        :func:`flar_statistics` of the same dense model (skips calibration).
     search_memo : dict, optional
-        Feature-criterion values shared between calls on the same dense model
-        and calibration (e.g. a sweep over ratios).
+        Criterion values shared by calls on the same dense model and calibration.
 
     Notes
     -----
-    With :math:`S S^\\top = (1 - s)\\Sigma + s \\mu I + \\delta I` (``Sigma`` the input covariance),
-    ``W S = U \\Sigma V^T`` and ``W_r = U_r \\Sigma_r V_r^T S^{-1}``; the error
-    :math:`E\\|(W - W_r)(x - m)\\|^2` is the tail :math:`\\sum_{i>r}\\sigma_i^2`
-    (at ``s = 0``), and the bias ``b + (W - W_r) m`` removes the mean error.
-    A searched rank reaching ``k_equiv = floor(m n / (m + n))`` keeps the linear dense.
+    With :math:`S S^\\top = (1 - s)\\Sigma + s\\mu I + \\delta I` and :math:`W S = U \\Sigma V^\\top`,
+    :math:`W_r = U_r \\Sigma_r V_r^\\top S^{-1}` minimises :math:`E\\|(W - W_r)(x - m)\\|^2`
+    (at :math:`s = \\delta = 0`) and the bias :math:`b + (W - W_r) m` removes the mean error.
+    A rank reaching :math:`k_{\\mathrm{equiv}} = \\lfloor mn/(m+n) \\rfloor` keeps the linear dense.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if criterion not in CRITERIA or allocation not in ALLOCATIONS:
+        raise ValueError(f"criterion must be in {CRITERIA} and allocation in {ALLOCATIONS}, "
+                         f"got {criterion!r}, {allocation!r}")
     if not (shrinkage in SHRINKAGE or (isinstance(shrinkage, (int, float)) and 0.0 <= shrinkage <= 1.0)):
         raise ValueError(f"shrinkage must be one of {SHRINKAGE} or a number in [0, 1], got {shrinkage!r}")
-    result = RecipeResult()
-    batches = list(batches)
+    result, batches = RecipeResult(), list(batches)
     with timer(result.timings, "calibration"):
         stats = statistics if statistics is not None else flar_statistics(model, spec, batches, progress=progress)
     result.calibration_tokens = stats.tokens
-    images = sum(int((b["pixel_values"] if isinstance(b, dict) else b).shape[0]) for b in batches)
-    tokens_per_image = stats.tokens // images
+    tokens_per_image = stats.tokens // sum(int(_pixels([b], 10**9).shape[0]) for b in batches)
 
     with timer(result.timings, "factorisation"):
         linears, intensities, fallbacks = {}, {}, 0
@@ -300,42 +283,32 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
                 C, intensities[f"{layer}.{group_name(group)}"] = shrunk_covariance(moments, shrinkage, center=center)
                 whitener = lrmath.whiten(C, method="cholesky", damping=damping)
                 fallbacks += whitener.fallback is not None
-                mean = moments.mean if center else None
                 for role in group:
                     dense = get_linear(model, layer, role, spec)
                     svd = lrmath.whitened_svd(weight64(dense), whitener, min(dense.weight.shape))
-                    linears[(layer, role)] = _Linear(dense, svd, mean)
+                    linears[(layer, role)] = _Linear(dense, svd, moments.mean if center else None)
     keys = list(linears)
     shapes = [linears[k].shape for k in keys]
-    uniform = {k: _uniform_rank(*linears[k].shape, ratio) for k in keys}
-    details: dict[str, Any] = {"shrinkage": shrinkage, "criterion": criterion, "latency_aware": latency_aware,
-                               "center": center, "damping": damping, "multiple": multiple,
-                               "shrinkage_intensity": intensities, "whitening_fallbacks": fallbacks}
-
-    with timer(result.timings, "search"):
-        searched, calls = _search(model, spec, batches, linears, uniform, criterion, details,
-                                  search_images=search_images, multiple=multiple,
-                                  memo=search_memo, memo_key=(str(shrinkage), center, damping))
-
-    caps = None
+    details: dict[str, Any] = {"shrinkage": shrinkage, "criterion": criterion, "allocation": allocation,
+                               "latency_aware": latency_aware, "center": center, "damping": damping,
+                               "multiple": multiple, "shrinkage_intensity": intensities,
+                               "whitening_fallbacks": fallbacks}
+    caps, table = None, None
     if latency_aware:
         with timer(result.timings, "latency"):
             param = next(model.parameters())
             table = latency_table or LatencyTable(param.device, param.dtype, cache_dir=latency_cache_dir,
                                                   margin=latency_margin)
             rows = latency_batch * tokens_per_image
-            fast = {}
-            for m, n in set(shapes):
-                fast[(m, n)], _ = table.max_fast_rank(rows, n, m, hi=lrmath.k_equiv(m, n) - 1, multiple=multiple)
+            fast = {s: table.max_fast_rank(rows, s[1], s[0], hi=lrmath.k_equiv(*s) - 1, multiple=multiple)[0]
+                    for s in set(shapes)}
             caps = [fast[s] for s in shapes]
             details["latency_caps"] = {f"{m}x{n}": r for (m, n), r in fast.items()}
-    budget = (1.0 - ratio) * sum(m * n for m, n in shapes)
-    if criterion == "uniform":
-        limit = caps or [lrmath.k_equiv(m, n) - 1 for m, n in shapes]
-        final = [r if r <= min(c, lrmath.k_equiv(*s) - 1) else None
-                 for r, c, s in zip((uniform[k] for k in keys), limit, shapes)]
-    else:
-        final = rescale_ranks([searched[k] for k in keys], shapes, budget, multiple=multiple, caps=caps)
+
+    with timer(result.timings, "search"):
+        memo_key = (str(shrinkage), center, damping, search_images)
+        final = _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, details,
+                        search_images=search_images, multiple=multiple, memo=search_memo, memo_key=memo_key)
 
     measure = latency_aware if measure_latency is None else measure_latency
     dense_copy = copy.deepcopy(model) if measure else None
@@ -344,14 +317,11 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
             result.ranks[f"{key[0]}.{key[1]}"] = "dense" if rank is None else int(rank)
             if rank is not None:
                 set_linear(model, key[0], key[1], linears[key].module(rank), spec)
-    details["searched_ranks"] = {f"{k[0]}.{k[1]}": searched.get(k) for k in keys}
-    details["search_calls"] = calls
-    if latency_aware:
-        details["latency"] = _latency_report(table, rows, keys, final, shapes)
+    if table is not None:
+        details["latency"] = _latency_report(table, rows, final, shapes)
     if measure:
         with timer(result.timings, "latency"):
-            pixels = _pixels(batches, latency_batch)
-            measured = time_models({"dense": dense_copy, "compressed": model}, pixels)
+            measured = time_models({"dense": dense_copy, "compressed": model}, _pixels(batches, latency_batch))
         report = details.setdefault("latency", {})
         report.update({"measured_dense_s": measured["dense"], "measured_compressed_s": measured["compressed"]})
         if "predicted_saving_s" in report:
@@ -360,71 +330,69 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     return result
 
 
-def _search(model, spec, batches, linears, uniform, criterion, details, *, search_images, multiple, memo, memo_key):
-    """Per-linear bisection; returns ({key: rank or None}, calls) and fills ``details``."""
+def _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, details, *, search_images,
+            multiple, memo, memo_key):
+    """Final ranks (``None`` = dense); fills ``details`` with thresholds, searches and forward passes."""
     keys = list(linears)
+    shapes = [linears[k].shape for k in keys]
+    budget = (1.0 - ratio) * sum(m * n for m, n in shapes)
+    uniform = [_uniform_rank(*s, ratio) for s in shapes]
     if criterion == "uniform":
+        top = caps or [lrmath.k_equiv(*s) - 1 for s in shapes]
         details["forward_passes"] = {"search": 0}
-        return dict(uniform), 0
-    if criterion == "weight":
-        energy = {}
-        for key in keys:
-            s2 = linears[key].svd.singular_values.double() ** 2
-            energy[key] = torch.sqrt(torch.cumsum(s2, 0) / s2.sum()).cpu().numpy()  # cos(W S, (W S)_r) at r = i + 1
-        cosine = [energy[k][min(uniform[k], len(energy[k])) - 1] for k in keys]
-        threshold = 1.0 - float(np.mean(cosine))
-        details["threshold"] = {"one_minus_cosine": threshold}
-        searched, calls = {}, 0
-        for key in keys:
-            res = lrmath.bisect_rank(lambda r, e=energy[key]: 1.0 - float(e[r - 1]), multiple,
-                                     lrmath.k_equiv(*linears[key].shape) - 1, multiple=multiple, threshold=threshold)
-            searched[key], calls = res.rank, calls + res.calls
-        details["forward_passes"] = {"search": 0, "note": "weight-space criterion needs no forward pass"}
-        return searched, calls
-
-    probe = _FeatureProbe(model, spec, _pixels(batches, search_images))
-    uniform_mse = probe.nmse({k: linears[k].module(min(uniform[k], min(linears[k].shape))) for k in keys}, 0)
-    threshold = uniform_mse / len(keys)
+        return [r if r <= min(c, lrmath.k_equiv(*s) - 1) else None for r, c, s in zip(uniform, top, shapes)]
     memo = {} if memo is None else memo
-    searched, calls, hits, non_monotone = {}, 0, 0, []
-    for key in keys:
-        values = {}
+    probe = _FeatureProbe(model, spec, _pixels(batches, search_images)) if criterion == "feature" else None
+    hits = 0
 
-        def holds(r, key=key, values=values):
-            nonlocal hits
-            full_key = memo_key + (search_images, key[0], key[1], r)
-            if full_key in memo:
-                hits += 1
-            else:
-                memo[full_key] = probe.nmse({key: linears[key].module(r)}, key[0])
-            values[r] = memo[full_key]
-            return values[r] <= threshold
+    def nmse(key, rank):
+        nonlocal hits
+        slot = memo_key + (key[0], key[1], int(rank))
+        hits += slot in memo
+        if slot not in memo:
+            memo[slot] = probe.nmse({key: linears[key].module(rank)}, key[0])
+        return memo[slot]
 
-        res = lrmath.bisect_rank(holds, multiple, lrmath.k_equiv(*linears[key].shape) - 1, multiple=multiple)
-        searched[key], calls = res.rank, calls + res.calls
-        ordered = [values[r] for r in sorted(values)]
-        if any(b > a * (1 + 1e-3) + 1e-12 for a, b in zip(ordered, ordered[1:])):
-            non_monotone.append(f"{key[0]}.{key[1]}")
-    layers = len(probe.layers)
-    details["threshold"] = {"uniform_nmse": uniform_mse, "per_linear_nmse": threshold}
-    details["non_monotone"] = non_monotone
-    details["forward_passes"] = {
-        "search_images": int(probe.reference.shape[0]),
-        "tail_passes": probe.tail_passes,  # dense reference + uniform + one per new criterion value
-        "memo_hits": hits,
-        "block_runs": probe.block_runs,
-        "full_forward_equivalent": probe.block_runs / layers,
-    }
-    return searched, calls
+    if allocation == "slope":
+        if criterion == "feature":  # measured gain: NMSE per unit of dropped whitened energy
+            gain = [nmse(k, r) / max(float(linears[k].energy[r:].sum()), 1e-300) for k, r in zip(keys, uniform)]
+        else:  # relative whitened energy: 1 - cos ~ tail / (2 ||W S||^2)
+            gain = [1.0 / max(float(linears[k].energy.sum()), 1e-300) for k in keys]
+        details["gain"] = {f"{k[0]}.{k[1]}": g for k, g in zip(keys, gain)}
+        spectra = [(g * linears[k].energy).numpy() for k, g in zip(keys, gain)]
+        final = slope_ranks(spectra, shapes, budget, multiple=multiple, caps=caps)
+        calls = len(keys) if criterion == "feature" else 0
+    else:
+        if criterion == "feature":
+            threshold = probe.nmse({k: linears[k].module(r) for k, r in zip(keys, uniform)}, 0) / len(keys)
+            error = nmse
+        else:
+            cosine = {k: torch.sqrt(torch.cumsum(linears[k].energy, 0) / linears[k].energy.sum()) for k in keys}
+            threshold = 1.0 - float(np.mean([float(cosine[k][r - 1]) for k, r in zip(keys, uniform)]))
+            error = lambda key, r: 1.0 - float(cosine[key][r - 1])  # noqa: E731
+        searched, calls, non_monotone = [], 0, []
+        for key, shape in zip(keys, shapes):
+            seen = {}
+            res = lrmath.bisect_rank(lambda r: seen.setdefault(r, error(key, r)) <= threshold, multiple,
+                                     lrmath.k_equiv(*shape) - 1, multiple=multiple)
+            searched.append(res.rank)
+            calls += res.calls
+            ordered = [seen[r] for r in sorted(seen)]
+            if any(b > a * (1 + 1e-3) + 1e-12 for a, b in zip(ordered, ordered[1:])):
+                non_monotone.append(f"{key[0]}.{key[1]}")
+        details.update(threshold=threshold, non_monotone=non_monotone,
+                       searched_ranks={f"{k[0]}.{k[1]}": r for k, r in zip(keys, searched)})
+        final = rescale_ranks(searched, shapes, budget, multiple=multiple, caps=caps)
+    details["search_calls"] = calls
+    details["forward_passes"] = {"search": 0} if probe is None else {**probe.counts(), "memo_hits": hits}
+    return final
 
 
-def _latency_report(table: LatencyTable, rows: int, keys, final, shapes) -> dict[str, Any]:
+def _latency_report(table: LatencyTable, rows: int, final, shapes) -> dict[str, Any]:
     """Predicted saving of the factorised linears from the measured table."""
-    saving, factorised = 0.0, 0
-    for rank, (m, n) in zip(final, shapes):
-        if rank is not None:
-            saving += table.dense_seconds(rows, n, m) - table.timing(rows, n, m, rank).pair_s
-            factorised += 1
+    saving = sum(table.dense_seconds(rows, n, m) - table.timing(rows, n, m, r).pair_s
+                 for r, (m, n) in zip(final, shapes) if r is not None)
+    factorised = sum(r is not None for r in final)
     table.save()
     return {"device": table.device_name, "table": None if table.path is None else str(table.path),
             "rows": rows, "shapes_measured": table.measured, "shapes_reused": table.reused,
