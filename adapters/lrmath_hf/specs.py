@@ -377,3 +377,7 @@ def set_linear(model: Any, layer: int, role: str, module: Any, spec: ArchSpec | 
     old = getattr(parent, attr)
     setattr(parent, attr, module)
     return old
+
+
+# Encoder families (vit, deit, dinov2) register themselves; imported last since they use register_family.
+from . import specs_vision as _specs_vision  # noqa: E402,F401
