@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 
-from ._backend import as_work, device_of, library_name, namespace
+import numpy as np
+
+from ._backend import as_work, device_of, from_numpy, library_name, namespace, to_numpy, work_dtype
 from ._validation import check_array, check_finite
 
 __all__ = ["AngularImportance", "angular_importance", "MODES"]
 
 MODES = ("paper", "reference")
+FORMAT_VERSION = 1
+_STATE_KEYS = ("format_version", "mode", "tokens", "cos_sum", "defined", "angle_sum")
 
 
 def _check_pair(x_in, x_out):
@@ -175,6 +179,76 @@ class AngularImportance:
     def skipped(self) -> int:
         """Tokens left out of the paper-mode mean because a hidden state was zero."""
         return 0 if self._defined is None else self.tokens - int(round(float(self._defined)))
+
+    # ----------------------------------------------------------- serialisation
+    def to_dict(self) -> dict:
+        """The running sums as host numpy values (``np.savez``-ready).
+
+        Keys: ``format_version``, ``mode`` (str), ``tokens`` (int), and three
+        float64 0-d arrays: ``cos_sum`` (sum of the cosines of the tokens that
+        have an angle), ``defined`` (how many tokens have one) and
+        ``angle_sum`` (sum of the reference-mode angles over pi). An empty
+        accumulator gives zeros. Adding the sums and ``tokens`` of two dicts is
+        :meth:`merge`; :meth:`from_dict` rebuilds the accumulator.
+        """
+        sums = (self._cos_sum, self._defined, self._angle_sum)
+        out = {"format_version": FORMAT_VERSION, "mode": self.mode, "tokens": int(self.tokens)}
+        for key, value in zip(("cos_sum", "defined", "angle_sum"), sums):
+            out[key] = np.zeros((), dtype=np.float64) if value is None else \
+                np.asarray(to_numpy(value), dtype=np.float64).reshape(())
+        return out
+
+    @classmethod
+    def from_dict(cls, state, *, like=None) -> "AngularImportance":
+        """Rebuild from :meth:`to_dict` output (values may be numpy arrays after a save/load round trip).
+
+        Parameters
+        ----------
+        state : mapping
+            What :meth:`to_dict` returned.
+        like : array, optional
+            Hold the sums on this array's library and device (default numpy),
+            e.g. to merge them into an accumulator fed by torch CUDA tensors.
+
+        Raises
+        ------
+        ValueError
+            A key is missing, the format version or mode is unknown, ``tokens``
+            is not a non-negative integer, a sum is not a finite scalar, or
+            ``defined`` is not in ``[0, tokens]``.
+        """
+        from .moments import _host_int
+
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"state is missing the keys {missing}")
+        version = _host_int("state['format_version']", state["format_version"])
+        if version != FORMAT_VERSION:
+            raise ValueError(f"state['format_version'] = {version}: this lrmath reads version {FORMAT_VERSION}")
+        out = cls(str(np.asarray(state["mode"])))
+        tokens = _host_int("state['tokens']", state["tokens"])
+        if tokens < 0:
+            raise ValueError(f"state['tokens'] must be >= 0, got {tokens}")
+        sums = []
+        for key in ("cos_sum", "defined", "angle_sum"):
+            a = np.asarray(to_numpy(state[key]), dtype=np.float64)
+            if a.size != 1:
+                raise ValueError(f"state[{key!r}] must be a scalar, got shape {a.shape}")
+            check_finite(f"state[{key!r}]", a)
+            sums.append(a.reshape(()).copy())
+        if not 0.0 <= float(sums[1]) <= tokens:
+            raise ValueError(f"state['defined'] must lie in [0, tokens = {tokens}], got {float(sums[1])}")
+        if tokens == 0:
+            return out
+        if like is None:
+            like = sums[0]
+        else:
+            check_array("like", like)
+            dtype = work_dtype(namespace(like), device_of(like))
+            sums = [from_numpy(a, like, dtype=dtype) for a in sums]
+        where = (library_name(like), str(device_of(like)), namespace(like), device_of(like))
+        out._add(where, *sums, tokens)
+        return out
 
 
 def angular_importance(x_in, x_out, *, mode: str = "paper"):
