@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._backend import as_work, cholesky_or_none, device_of, solve_triangular
-from ._validation import check_array, check_nonnegative_scalar, check_rank, check_symmetric, dtype_eps
+from ._backend import as_work, cholesky_or_none, device_of, namespace, solve_triangular
+from ._validation import check_array, check_finite, check_nonnegative_scalar, check_rank, check_symmetric, dtype_eps
 
 __all__ = ["NystromResult", "nystrom_select"]
 
@@ -16,7 +16,7 @@ class NystromResult(NamedTuple):
     Attributes
     ----------
     indices : array, shape (k,)
-        Kept channels, ascending (int64). The top-``k`` sets are nested in ``k``.
+        Kept channels, ascending (int64). With ``"leverage"`` the sets are nested in ``k``.
     scores : array, shape (d,)
         Ridge leverage scores ``diag(C (C + lam I)^-1)``, each in ``[0, 1]``.
     reconstruction : array, shape (d, k)
@@ -28,6 +28,9 @@ class NystromResult(NamedTuple):
         the ridge objective ``R`` minimises (the Nystrom error when ``lam = 0``).
     lam : float
         The absolute ridge ``lam = ridge * tr(C) / d``.
+    weighted_error : array, shape () or None
+        ``||W (H - R H[S])||_F^2`` when a ``weight`` ``W`` was given: the
+        output error of the refitted layer ``y = W h``; ``None`` otherwise.
     """
 
     indices: Any
@@ -36,10 +39,11 @@ class NystromResult(NamedTuple):
     error: Any
     objective: Any
     lam: float
+    weighted_error: Any = None
 
 
-def nystrom_select(C, k: int, *, ridge: float = 1e-2) -> NystromResult:
-    r"""Keep the ``k`` channels with the largest ridge leverage scores; refit the rest from them.
+def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", weight=None) -> NystromResult:
+    r"""Keep ``k`` channels (by ridge leverage, or output-aware elimination); refit the rest from them.
 
     Parameters
     ----------
@@ -102,6 +106,24 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2) -> NystromResult:
     ``range(C)``: eigenvalues at or below ``10 d eps mu_max`` count as zero.
     Ties in the scores go to the lower channel index.
 
+    *Output-aware elimination* (``method="obs"``). With ``K = C + lam I`` and
+    the current kept set ``S``, the optimal refit of ``y = W h`` from
+    ``h_S`` is ``W_S = W C_{:S} K_{SS}^{-1}``; removing channel ``j`` raises
+    the ridge objective by exactly
+
+    .. math:: \Delta_j = \frac{\|W_S e_j\|^2}{(K_{SS}^{-1})_{jj}} ,
+
+    and ``W_S`` and ``K_{SS}^{-1}`` follow by rank-one downdates (the
+    regression form of Optimal Brain Surgeon, Hassibi & Stork 1993, as used
+    for structured pruning). Removing a single channel (``k = d - 1``) is
+    exactly optimal, and the objective never exceeds that of the channel set
+    it came from. To bound the cost,
+    at most 64 rounds run: each removes the ``ceil((d - k) / 64)`` cheapest
+    channels at once, with their joint downdate applied exactly (one channel
+    per round whenever ``d - k <= 64``). ``K^{-1}`` is formed
+    once from the eigendecomposition above (relative damping keeps it
+    bounded by ``1 / lam``); the final refit still uses the Cholesky solve.
+
     Examples
     --------
     >>> import numpy as np, lrmath
@@ -118,6 +140,16 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2) -> NystromResult:
     d = C.shape[-1]
     k = check_rank("k", k, d)
     ridge = check_nonnegative_scalar("ridge", ridge)
+    if method not in ("leverage", "obs"):
+        raise ValueError(f"method must be 'leverage' or 'obs', got {method!r}")
+    if method == "obs" and ridge == 0:
+        raise ValueError("method='obs' needs ridge > 0 (its downdates use (C + lam I)^-1)")
+    if weight is not None:
+        namespace(C, weight)  # one array library
+        check_array("weight", weight, ndim=2)
+        if weight.shape[-1] != d:
+            raise ValueError(f"weight must have {d} columns (one per channel), got shape {tuple(weight.shape)}")
+        check_finite("weight", weight, xp)
     Cw = as_work(C, xp)
     Cw = (Cw + xp.matrix_transpose(Cw)) / 2
     dev = device_of(Cw)
@@ -136,14 +168,18 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2) -> NystromResult:
     else:  # projector onto range(C): a rank decision at the rounding level
         weights = xp.astype(mu > rounding, Cw.dtype)
     scores = (U**2) @ weights
+    Ww = None if weight is None else as_work(weight, xp)
 
-    order = xp.argsort(-scores, stable=True)  # descending, ties to the lower index
-    indices = xp.sort(order[:k])
+    if method == "obs":
+        indices = _obs_eliminate(Cw, mu, U, lam, Ww, k, xp)
+    else:
+        order = xp.argsort(-scores, stable=True)  # descending, ties to the lower index
+        indices = xp.sort(order[:k])
     if k == 0:
         zero = xp.asarray(trace, dtype=Cw.dtype, device=dev)
-        return NystromResult(indices=indices, scores=scores,
-                             reconstruction=xp.zeros((d, 0), dtype=Cw.dtype, device=dev),
-                             error=zero, objective=zero, lam=lam)
+        R0 = xp.zeros((d, 0), dtype=Cw.dtype, device=dev)
+        return NystromResult(indices=indices, scores=scores, reconstruction=R0, error=zero,
+                             objective=zero, lam=lam, weighted_error=_weighted_error(Cw, Ww, R0, indices, xp))
     C_rows = xp.take(Cw, indices, axis=0)  # C[S, :]
     K = xp.take(C_rows, indices, axis=1) + lam * xp.eye(k, dtype=Cw.dtype, device=dev)
     L = cholesky_or_none(K, xp)
@@ -161,5 +197,53 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2) -> NystromResult:
     objective = xp.clip(trace - xp.sum(Y**2), min=0.0)
     error = xp.clip(objective - lam * xp.sum(R**2), min=0.0)
     return NystromResult(indices=indices, scores=scores, reconstruction=R, error=error,
-                         objective=objective, lam=lam)
+                         objective=objective, lam=lam, weighted_error=_weighted_error(Cw, Ww, R, indices, xp))
 
+
+def _weighted_error(Cw, W, R, indices, xp):
+    """``tr(W E W^T)``, ``E = C - C_{:S} R^T - R C_{S:} + R C_{SS} R^T``: the refit's output error."""
+    if W is None:
+        return None
+    WC = W @ Cw
+    WR = W @ R
+    WCs = xp.take(WC, indices, axis=1)  # W C_{:S}
+    Css = xp.take(xp.take(Cw, indices, axis=0), indices, axis=1)
+    err = xp.sum(WC * W) - 2.0 * xp.sum(WCs * WR) + xp.sum((WR @ Css) * WR)
+    return xp.clip(err, min=0.0)
+
+
+def _obs_eliminate(Cw, mu, U, lam, W, k, xp):
+    """Indices kept by greedy backward elimination (``method="obs"``), ascending int64."""
+    d = Cw.shape[-1]
+    dev = device_of(Cw)
+    Kinv = (U / (mu + lam)) @ xp.matrix_transpose(U)  # (C + lam I)^-1 from the eigenpairs
+    # the optimal refit with every channel kept: W C K^-1 (C K^-1 without a weight)
+    WS = (Cw if W is None else W @ Cw) @ Kinv
+    alive = xp.ones((d,), dtype=xp.bool, device=dev)
+    inf = xp.asarray(float("inf"), dtype=Cw.dtype, device=dev)
+    to_remove = d - k
+    block = max(1, -(-to_remove // _OBS_ROUNDS))
+    while to_remove > 0:
+        b = min(block, to_remove)
+        diag = xp.linalg.diagonal(Kinv)
+        cost = xp.sum(WS**2, axis=0) / xp.where(diag > 0, diag, 1.0)
+        cost = xp.where(alive & (diag > 0), cost, inf)  # removed or lost to rounding
+        B = xp.argsort(cost, stable=True)[:b]
+        # joint downdate: Kinv <- Kinv - Kinv[:, B] Kinv[B, B]^-1 Kinv[B, :], same for W_S
+        rows = xp.take(Kinv, B, axis=0)
+        L = cholesky_or_none(xp.take(rows, B, axis=1), xp)
+        if L is None:  # rounding made the block indefinite: take the cheapest channel alone
+            B, b = B[:1], 1
+            rows = xp.take(Kinv, B, axis=0)
+            L = xp.sqrt(xp.take(rows, B, axis=1))
+        G = solve_triangular(L, rows, lower=True, xp=xp)  # L^-1 Kinv[B, :]
+        H = solve_triangular(L, xp.matrix_transpose(xp.take(WS, B, axis=1)), lower=True, xp=xp)
+        Kinv = Kinv - xp.matrix_transpose(G) @ G
+        WS = WS - xp.matrix_transpose(H) @ G
+        alive = alive & ~xp.any(xp.arange(d, device=dev)[None, :] == B[:, None], axis=0)
+        to_remove -= b
+    return xp.astype(xp.nonzero(alive)[0], xp.int64)
+
+
+# rounds of the elimination: each removes the ceil((d - k) / rounds) cheapest channels jointly
+_OBS_ROUNDS = 64

@@ -210,3 +210,88 @@ def test_input_is_not_mutated():
     before = C.copy()
     lrmath.nystrom_select(C, 2)
     np.testing.assert_array_equal(C, before)
+
+
+# --- output-aware elimination (method="obs") -------------------------------------------------
+
+
+def weighted_objective(W, H, S, M, lam):
+    """``||W H - M H[S]||^2 + lam ||M||^2``: the refit ``M`` of ``y = W h`` from the kept channels."""
+    return float(np.sum((W @ H - M @ H[S]) ** 2) + lam * np.sum(M**2))
+
+
+@st.composite
+def layer_data(draw, max_d=9):
+    H = draw(channel_data(max_d=max_d))
+    rng = np.random.default_rng(draw(seeds()))
+    W = rng.standard_normal((draw(st.integers(1, 6)), H.shape[0]))
+    return H, W
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(HW=layer_data(), data=st.data())
+def test_weighted_error_is_the_refitted_layers_output_error(backend, HW, data):
+    """``weighted_error = ||W (H - R H[S])||^2`` for both selection methods."""
+    H, W = HW
+    d = H.shape[0]
+    k = data.draw(st.integers(0, d))
+    method = data.draw(st.sampled_from(["leverage", "obs"]))
+    C = H @ H.T
+    res = lrmath.nystrom_select(to_backend(C, backend), k, ridge=1e-2, method=method, weight=to_backend(W, backend))
+    S, R = to_numpy(res.indices), to_numpy(res.reconstruction)
+    assert S.shape == (k,) and np.all(np.diff(S) > 0)
+    direct = float(np.sum((W @ H - W @ R @ H[S]) ** 2))
+    scale = float(np.sum((W @ H) ** 2)) + float(np.linalg.norm(W, 2) ** 2 * np.trace(C))
+    kappa = 1 + d / 1e-2
+    assert abs(float(res.weighted_error) - direct) <= tolerance(n=d * H.shape[1], kappa=kappa) * scale
+
+
+@given(HW=layer_data(), ridge=st.sampled_from([1e-4, 1e-2, 1.0]))
+def test_obs_removing_one_channel_is_optimal(HW, ridge):
+    """With ``k = d - 1`` the eliminated channel is the best single removal (brute force)."""
+    H, W = HW
+    d = H.shape[0]
+    C = H @ H.T
+    res = lrmath.nystrom_select(C, d - 1, ridge=ridge, method="obs", weight=W)
+    lam = res.lam
+    objectives = []
+    for j in range(d):
+        S = np.delete(np.arange(d), j)
+        M = W @ C[:, S] @ np.linalg.inv(C[np.ix_(S, S)] + lam * np.eye(d - 1))
+        objectives.append(weighted_objective(W, H, S, M, lam))
+    S = to_numpy(res.indices)
+    ours = weighted_objective(W, H, S, W @ to_numpy(res.reconstruction), lam)
+    kappa = (np.linalg.eigvalsh(C)[-1] + lam) / lam
+    scale = float(np.sum((W @ H) ** 2)) + 1e-300
+    assert ours <= min(objectives) + tolerance(n=d * H.shape[1], kappa=kappa) * scale
+
+
+def test_obs_beats_leverage_on_outlier_channels_read_weakly():
+    """Leverage ignores W: high-energy channels that W barely reads are kept; OBS drops them."""
+    rng = np.random.default_rng(3)
+    d, N = 40, 400
+    H = rng.standard_normal((d, N))
+    H[:8] *= 30.0  # outlier channels...
+    W = rng.standard_normal((16, d))
+    W[:, :8] *= 1e-3  # ...that the next layer hardly reads
+    C = H @ H.T
+    lev = lrmath.nystrom_select(C, 20, method="leverage", weight=W)
+    obs = lrmath.nystrom_select(C, 20, method="obs", weight=W)
+    assert np.all(np.asarray(lev.indices)[:8] == np.arange(8))  # leverage keeps all outliers
+    assert np.all(np.asarray(obs.indices) >= 8)  # OBS keeps none
+    assert float(obs.weighted_error) < 0.85 * float(lev.weighted_error)
+
+
+def test_obs_full_set_and_bad_input():
+    H = np.random.default_rng(2).standard_normal((6, 30))
+    C, W = H @ H.T, np.ones((2, 6))
+    full = lrmath.nystrom_select(C, 6, method="obs", weight=W)
+    np.testing.assert_array_equal(full.indices, np.arange(6))
+    with pytest.raises(ValueError, match="method"):
+        lrmath.nystrom_select(C, 3, method="greedy")
+    with pytest.raises(ValueError, match="ridge > 0"):
+        lrmath.nystrom_select(C, 3, method="obs", ridge=0.0)
+    with pytest.raises(ValueError, match="6 columns"):
+        lrmath.nystrom_select(C, 3, method="obs", weight=np.ones((2, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        lrmath.nystrom_select(C, 3, method="obs", weight=np.full((2, 6), np.nan))
