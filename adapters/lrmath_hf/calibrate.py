@@ -12,6 +12,10 @@ keeps 32 x 1.2 GB = 37 GB on the host.
 
 Data flow: model -> :func:`calibrate` (hooks -> :class:`lrmath.Moments`,
 :class:`lrmath.AngularImportance`) -> decisions (pure lrmath) -> surgery.
+
+Under :mod:`torch.distributed` each process calibrates its own shard of the
+batches and every layer's statistics are merged exactly across processes
+before ``on_layer`` sees them (:mod:`lrmath_hf.distributed`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import torch
 from torch import nn
 
 import lrmath
+
+from . import distributed
 
 __all__ = ["CalibrationPlan", "LayerStats", "CalibrationResult", "calibrate", "capture_layer_inputs"]
 
@@ -70,10 +76,13 @@ class LayerStats:
 
 @dataclass
 class CalibrationResult:
+    """Per-layer statistics; ``tokens`` counts every process's tokens when sharded over ``world_size`` processes."""
+
     layers: list[LayerStats]
     tokens: int
     seconds: float
     sequential: bool
+    world_size: int = 1
 
 
 class _StopForward(Exception):
@@ -96,6 +105,13 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: Iter
     Everything before the first layer (embeddings, rotary tables, masks) runs
     exactly as in the model's own forward, so nothing of it is re-implemented.
     """
+    captured = _capture(model, first_layer, batches)
+    if not captured:
+        raise ValueError("calibration is empty: the batches iterable yielded nothing")
+    return captured
+
+
+def _capture(model: nn.Module, first_layer: nn.Module, batches: Iterable) -> list[tuple[tuple, dict]]:
     captured: list[tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):
@@ -111,8 +127,6 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: Iter
                 pass
     finally:
         handle.remove()
-    if not captured:
-        raise ValueError("calibration is empty: the batches iterable yielded nothing")
     return captured
 
 
@@ -183,6 +197,7 @@ def calibrate(
     on_layer: Callable[[int, LayerStats], None] | None = None,
     progress: bool = True,
     offload: bool = False,
+    process_group=None,
 ) -> CalibrationResult:
     """Accumulate ``plan``'s statistics layer by layer over the calibration batches.
 
@@ -210,23 +225,45 @@ def calibrate(
         Show a tqdm progress bar over layers.
     offload : bool
         Keep the propagated hidden states on the CPU between layers.
+    process_group : torch.distributed.ProcessGroup, None or False
+        Shard the calibration over processes. ``None`` (default): over the
+        default group when :mod:`torch.distributed` is initialised with more
+        than one process, else not at all (no cost). A group: over that group.
+        ``False``: never. Sharded, each rank passes its own ``batches``
+        (:func:`lrmath_hf.distributed.shard_batches`) and the same ``plan``,
+        and every layer's statistics are merged exactly (float64 pairwise
+        merges, in rank order) before ``on_layer`` sees them, identically on
+        every rank; in sequential mode each rank then propagates its own shard
+        through the layer as ``on_layer`` left it.
 
     Returns
     -------
     CalibrationResult
-        Per-layer :class:`LayerStats`, the number of calibration tokens, and
-        the wall time.
+        Per-layer :class:`LayerStats`, the number of calibration tokens (of
+        all ranks), and the wall time.
+
+    Raises
+    ------
+    ValueError
+        No batches (sharded: on every rank, if any rank has none), or ranks
+        whose statistics do not match (different plans).
     """
     start = time.perf_counter()
-    captured = capture_layer_inputs(model, layers[0], batches)
+    comm = distributed.resolve_group(process_group)
+    captured = _capture(model, layers[0], batches)
     hidden = [args[0] for args, _ in captured]
     extra_args = [args[1:] for args, _ in captured]
     kwargs = [kw for _, kw in captured]
     tokens = sum(h.shape[0] * h.shape[1] if h.ndim == 3 else h.shape[0] for h in hidden)
+    if comm is not None:
+        # before any rank can raise alone: an empty shard is an error on every rank, not a hang
+        tokens = distributed.check_shards(comm, len(captured), tokens)
+    elif not captured:
+        raise ValueError("calibration is empty: the batches iterable yielded nothing")
     device = hidden[0].device
 
     iterator = range(len(layers))
-    if progress:
+    if progress and (comm is None or comm.rank == 0):
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="calibrating layers", unit="layer")
@@ -251,6 +288,8 @@ def calibrate(
                 handle.remove()
         stats.inputs = {name: buffer.flush() for name, buffer in inputs.items()}
         stats.head_outputs = {name: buffer.flush() for name, buffer in heads.items()}
+        if comm is not None:
+            distributed.merge_layer_stats(stats, comm, like=torch.empty(0, dtype=torch.float64, device=device))
         if on_layer is not None:
             on_layer(index, stats)
         if sequential:
@@ -260,4 +299,5 @@ def calibrate(
             ]
         hidden = outputs
         results.append(stats)
-    return CalibrationResult(results, int(tokens), time.perf_counter() - start, sequential)
+    return CalibrationResult(results, int(tokens), time.perf_counter() - start, sequential,
+                             1 if comm is None else comm.size)
