@@ -106,3 +106,57 @@ def test_sequential_calibration_sees_compressed_inputs():
     assert not torch.allclose(g_dense, g_seq)
     # layer 0 saw the same inputs either way
     assert torch.allclose(dense_stats.layers[0].inputs["q+k+v"].gram, seq.layers[0].inputs["q+k+v"].gram)
+
+
+def _o_proj_output(model, spec, batches, layer=0):
+    """Outputs of layer ``layer``'s o_proj over ``batches`` (layer 0 sees the same inputs in any model)."""
+    outs = []
+    o_proj = get_attention(model, layer, spec).o_proj
+    handle = o_proj.register_forward_hook(lambda m, a, out: outs.append(out.detach().reshape(-1, out.shape[-1])))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+    finally:
+        handle.remove()
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_refit_o_is_never_worse_than_the_fold_on_the_calibration_data(arch):
+    """``refit_o``: the least-squares o_proj on the kept value subspaces beats FLAT's ``W_o Q``."""
+    from lrmath_hf.recipes.flat import _refit_o
+
+    model = tiny_model(arch)
+    spec = get_spec(model)
+    batches = calibration()
+    dense = _o_proj_output(model, spec, batches)
+    stats = run_calibration(model, spec, batches, flat_plan(spec, qk=False, refit_o=True), progress=False)
+    layer_stats = stats.layers[0]
+    basis = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), spec.head_dim // 2).basis
+    errors = {}
+    for refit in (False, True):
+        trial = copy.deepcopy(model)
+        w_o = trial.model.layers[0].self_attn.o_proj.weight.detach().clone()
+        fold_value_output(get_attention(trial, 0, spec), spec, basis)
+        if refit:
+            _refit_o(trial, spec, 0, layer_stats.inputs["o"], w_o, torch.as_tensor(basis), damping=1e-12)
+        errors[refit] = float(((_o_proj_output(trial, spec, batches) - dense) ** 2).sum())
+    assert errors[True] <= errors[False] * (1 + 1e-8)
+    assert errors[True] < errors[False]  # GQA heads and cross-head correlations leave room
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flat_obs_and_refit_meet_budget_and_round_trip(arch, tmp_path):
+    model = tiny_model(arch, dtype=torch.float32)
+    report = lrmath_hf.compress(model, calibration(), recipe="flat", ratio=0.3, progress=False,
+                                selection="obs", refit_o=True)
+    assert 0.25 <= report.ratio_achieved <= 0.35, report.ratio_achieved
+    ids = token_batch(seed=5)
+    logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    lrmath_hf.save_compressed(model, tmp_path / "m", report=report.to_dict(), recipe="flat")
+    assert torch.equal(lrmath_hf.load_compressed(tmp_path / "m")(ids).logits, logits)
+    with pytest.raises(ValueError, match="selection"):
+        lrmath_hf.compress(tiny_model(arch), calibration(), recipe="flat", ratio=0.3, progress=False,
+                           selection="random")

@@ -38,12 +38,15 @@ from .common import run_calibration, timer, weight64
 __all__ = ["flat_plan", "layer_parameters", "run_flat", "run_flat_paper"]
 
 
-def flat_plan(spec: ArchSpec, *, qk: bool) -> CalibrationPlan:
+def flat_plan(spec: ArchSpec, *, qk: bool, refit_o: bool = False) -> CalibrationPlan:
     heads = {"v": (spec.linears["v"], spec.num_kv_heads, spec.head_dim)}
     if qk:
         heads["q"] = (spec.linears["q"], spec.num_heads, spec.head_dim)
         heads["k"] = (spec.linears["k"], spec.num_kv_heads, spec.head_dim)
-    return CalibrationPlan(inputs={"down": spec.linears["down"]}, head_outputs=heads, importance=True)
+    inputs = {"down": spec.linears["down"]}
+    if refit_o:
+        inputs["o"] = spec.linears["o"]
+    return CalibrationPlan(inputs=inputs, head_outputs=heads, importance=True)
 
 
 def _ranks(spec: ArchSpec, w: float) -> tuple[int, int]:
@@ -100,8 +103,35 @@ def _fold_qk(model, spec: ArchSpec, layer: int, role: str, moments, rank: int) -
     set_linear(model, layer, role, module, spec)
 
 
-def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridge: float) -> None:
-    sel = lrmath.nystrom_select(moments.gram, channels, ridge=ridge)
+def _refit_o(model, spec: ArchSpec, layer: int, moments, w_o: torch.Tensor, bases: torch.Tensor,
+             damping: float = 1e-6) -> None:
+    r"""Least-squares ``W_o`` for the kept value subspaces: ``W_o C P (P^T C P + lam I)^{-1}``.
+
+    ``C`` is the second moment of the dense ``o_proj`` input ``z`` (all heads),
+    ``P = blockdiag(Q_{g(h)})``: the folded heads deliver ``P^T z`` exactly, so
+    this is the output-optimal ``o_proj`` for them (FLAT's ``W_o P`` is the
+    special case ``C`` block-diagonal with ``Q`` invariant). ``lam`` is
+    ``damping`` times the mean diagonal of ``P^T C P``.
+    """
+    o_proj = get_linear(model, layer, "o", spec)
+    kv_of_head = torch.arange(spec.num_heads) // spec.group_size
+    basis = bases.to(torch.float64).cpu()
+    P = torch.block_diag(*[basis[g] for g in kv_of_head.tolist()])  # (H d_h, H r)
+    C = moments.second_moment().to(torch.float64).cpu()
+    CP = C @ P
+    A = P.T @ CP
+    A = A + damping * float(torch.diagonal(A).mean()) * torch.eye(A.shape[0], dtype=A.dtype)
+    L = torch.linalg.cholesky(A)
+    W = torch.cholesky_solve((w_o.cpu() @ CP).T, L).T
+    with torch.no_grad():
+        o_proj.weight.copy_(W.to(device=o_proj.weight.device, dtype=o_proj.weight.dtype))
+
+
+def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridge: float,
+                 selection: str = "leverage") -> None:
+    down = get_linear(model, layer, "down", spec)
+    weight = weight64(down).cpu() if selection == "obs" else None
+    sel = lrmath.nystrom_select(moments.gram, channels, ridge=ridge, method=selection, weight=weight)
     keep = torch.as_tensor(lrmath._backend.to_numpy(sel.indices), dtype=torch.long)
     roles = ("gate", "up") if spec.mlp_kind == "gated" else ("up",)
     for role in roles:
@@ -123,11 +153,18 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
     set_linear(model, layer, "down", new_down, spec)
 
 
-def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None) -> RecipeResult:
+def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None, selection="leverage",
+         refit_o=False) -> RecipeResult:
+    if selection not in ("leverage", "obs"):
+        raise ValueError(f"selection must be 'leverage' or 'obs', got {selection!r}")
     result = RecipeResult()
     if stats is None:
         with timer(result.timings, "calibration"):
-            stats = run_calibration(model, spec, batches, flat_plan(spec, qk=qk), progress=progress)
+            stats = run_calibration(model, spec, batches, flat_plan(spec, qk=qk, refit_o=refit_o),
+                                    progress=progress)
+    if refit_o and any("o" not in s.inputs for s in stats.layers):
+        raise ValueError("refit_o=True needs the o_proj input statistic ('o'); calibrate with "
+                         "flat_plan(spec, qk=..., refit_o=True)")
     result.calibration_tokens = stats.tokens
     with timer(result.timings, "decisions"):
         mode = "reference" if paper else "paper"
@@ -149,22 +186,27 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None)
             head_rank, channels = _ranks(spec, float(w[layer]))
             if head_rank < spec.head_dim:
                 bases = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank).basis
+                w_o = weight64(get_linear(model, layer, "o", spec))
                 fold_value_output(get_attention(model, layer, spec), spec, bases)
+                if refit_o:
+                    _refit_o(model, spec, layer, layer_stats.inputs["o"], w_o, torch.as_tensor(bases))
             if qk and head_rank < spec.head_dim:
                 for role in ("q", "k"):
                     _fold_qk(model, spec, layer, role, layer_stats.head_outputs[role], head_rank)
             if channels < spec.intermediate_size:
-                _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge)
+                _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge, selection)
             result.ranks[str(layer)] = {"kept_fraction": float(w[layer]), "head_rank": head_rank,
                                         "mlp_channels": channels}
     result.details = {"importance": importance.tolist(), "kept_fraction": [float(x) for x in w],
-                      "qk": qk, "ridge": ridge, "accounting": "paper" if paper else "exact"}
+                      "qk": qk, "ridge": ridge, "accounting": "paper" if paper else "exact",
+                      "selection": selection, "refit_o": refit_o}
     return result
 
 
 @register("flat")
 def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True, qk: bool = False,
-             ridge: float = 1e-3, stats=None) -> RecipeResult:
+             ridge: float = 1e-3, selection: str = "leverage", refit_o: bool = False,
+             stats=None) -> RecipeResult:
     """FLAT-LLM with exact parameter accounting and a relative Nystrom ridge.
 
     Parameters
@@ -174,6 +216,12 @@ def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
         rank dropped, since each head keeps its ``d_h x r`` expansion).
     ridge : float
         Relative ridge of the Nystrom refit, ``lam = ridge * tr(C) / d``.
+    selection : {"leverage", "obs"}
+        MLP channels by ridge leverage scores (FLAT) or by output-aware
+        elimination against ``W_down`` (:func:`lrmath.nystrom_select`).
+    refit_o : bool
+        Refit ``o_proj`` by least squares on the kept value subspaces
+        (needs the ``o_proj`` input statistic; see :func:`_refit_o`).
 
     Notes
     -----
@@ -181,7 +229,7 @@ def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     dropped eigenvalues), Algorithm 1 (IPRS), appendix C (Nystrom MLP).
     """
     return _run(model, spec, batches, ratio=ratio, progress=progress, qk=qk, paper=False, ridge=ridge,
-                stats=stats)
+                stats=stats, selection=selection, refit_o=refit_o)
 
 
 @register("flat-paper")
