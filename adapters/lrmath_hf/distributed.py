@@ -11,10 +11,11 @@ then holds bit-identical statistics (even on hosts whose BLAS round
 differently), so deterministic decisions and surgery agree on all ranks.
 
 Transport: the statistics travel as one flat float64 tensor per layer, in
-chunks of at most :data:`CHUNK` elements, on the CPU for gloo (and MPI) and on
-the current accelerator for NCCL and other device backends
-(``torch.cuda.set_device(local_rank)`` first). Counts travel as int64, so
-they stay exact at any size.
+chunks of at most :data:`CHUNK` elements, through the CPU whenever the group
+has a CPU backend (gloo, MPI, or ``init_process_group()`` without a backend,
+which pairs gloo with NCCL), else through the current accelerator (NCCL alone:
+``torch.cuda.set_device(local_rank)`` first). Counts travel as int64, so they
+stay exact at any size.
 """
 
 from __future__ import annotations
@@ -91,12 +92,15 @@ class Communicator:
 
 
 def _transport_device(group) -> torch.device:
-    backend = str(dist.get_backend(group)).lower()
-    if "gloo" in backend or "mpi" in backend:  # also "cpu:gloo,cuda:nccl": CPU tensors go through gloo
+    """CPU when the group has a CPU backend (gloo, MPI), else the current accelerator (NCCL...)."""
+    config = str(dist.get_backend_config(group)).lower()  # e.g. "cpu:gloo,cuda:nccl" or "cuda:nccl"
+    devices = {part.split(":")[0].strip() for part in config.split(",") if ":" in part}
+    if "cpu" in devices or not devices:
         return torch.device("cpu")
     accelerator = torch.accelerator.current_accelerator()
-    if accelerator is None:
-        raise RuntimeError(f"the process group's backend {backend!r} needs an accelerator, and none is available")
+    if accelerator is None or accelerator.type not in devices:
+        raise RuntimeError(f"the process group's backends ({config}) take only {sorted(devices)} tensors, "
+                           f"and this process has no such device")
     return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
 

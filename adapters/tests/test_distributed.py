@@ -262,3 +262,19 @@ def test_importance_state_round_trip_and_merge():
         lrmath.AngularImportance.from_dict(bad)
     with pytest.raises(ValueError, match="missing"):
         lrmath.AngularImportance.from_dict({"tokens": 3})
+
+
+def test_transport_device_follows_the_backend(monkeypatch):
+    """gloo (alone or beside NCCL) moves statistics through the CPU; NCCL alone needs an accelerator."""
+    from lrmath_hf import distributed
+
+    for config, want in (("cpu:gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu")):
+        monkeypatch.setattr(dist, "get_backend_config", lambda group=None, config=config: config)
+        assert distributed._transport_device(None) == torch.device(want)
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cuda:nccl")
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None or accelerator.type != "cuda":
+        with pytest.raises(RuntimeError, match="no such device"):
+            distributed._transport_device(None)
+    else:
+        assert distributed._transport_device(None) == torch.device("cuda", torch.cuda.current_device())
