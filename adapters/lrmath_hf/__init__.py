@@ -31,7 +31,7 @@ _EXPORTS = {
     "protocol_windows": "data",
     "throughput": "evaluate",
 }
-_SUBMODULES = {"zoo", "data", "specs", "modules", "attention", "io", "evaluate", "calibrate", "pipeline", "cli", "recipes"}
+_SUBMODULES = {"zoo", "data", "specs", "modules", "attention", "io", "evaluate", "calibrate", "distributed", "pipeline", "cli", "recipes"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES) + ["__version__"]
 
