@@ -42,7 +42,8 @@ class NystromResult(NamedTuple):
     weighted_error: Any = None
 
 
-def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", weight=None) -> NystromResult:
+def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", weight=None,
+                   psd_rtol: float | None = None) -> NystromResult:
     r"""Keep ``k`` channels (by ridge leverage, or output-aware elimination); refit the rest from them.
 
     Parameters
@@ -56,20 +57,37 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
         Relative ridge: ``lam = ridge * tr(C) / d`` (a fraction of the mean
         eigenvalue). ``0`` gives plain leverage scores and the exact Nystrom
         refit, which needs a nonsingular ``C[S, S]``.
+    method : {"leverage", "obs"}, default "leverage"
+        ``"leverage"``: the ``k`` largest ridge leverage scores (FLAT-LLM).
+        ``"obs"``: greedy backward elimination of the channels whose removal
+        least increases the (weighted) ridge objective, Optimal-Brain-Surgeon
+        style; needs ``ridge > 0``.
+    weight : array, shape (m, d), optional
+        The layer ``y = W h`` that reads the channels (e.g. ``W_down``): the
+        ``"obs"`` elimination then minimises the output error
+        ``||W H - M H_S||^2`` instead of the channel error, and
+        ``weighted_error`` is reported (for either method).
+    psd_rtol : float, optional
+        Eigenvalues of ``C`` down to ``-psd_rtol * max|mu|`` count as rounding
+        (clipped to zero); below that ``C`` is refused as not PSD. Default
+        ``10 d eps`` of the working dtype; pass a float32 level for a
+        statistic accumulated from float32 partial products.
 
     Returns
     -------
     NystromResult
         ``indices``, ``scores``, ``reconstruction``, ``error``, ``objective``
         (float64, or float32 on devices without it, on the library and
-        device of ``C``) and ``lam``.
+        device of ``C``), ``lam`` and ``weighted_error``.
 
     Raises
     ------
     ValueError
         ``C`` not square, not symmetric, non-finite or not PSD within
         rounding; ``k`` outside ``[0, d]``; ``ridge`` negative or non-finite;
-        ``ridge = 0`` with a numerically singular ``C[S, S]``.
+        ``ridge = 0`` with a numerically singular ``C[S, S]``; an unknown
+        ``method``; ``"obs"`` with ``ridge = 0``; ``weight`` of the wrong
+        shape or non-finite; a negative ``psd_rtol``.
 
     Notes
     -----
@@ -103,7 +121,7 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
     invariant to the scale of ``C`` (number of tokens, normalisation).
 
     With ``ridge = 0`` the scores are the diagonal of the projector onto
-    ``range(C)``: eigenvalues at or below ``10 d eps mu_max`` count as zero.
+    ``range(C)``: eigenvalues at or below ``psd_rtol mu_max`` count as zero.
     Ties in the scores go to the lower channel index.
 
     *Output-aware elimination* (``method="obs"``). With ``K = C + lam I`` and
@@ -156,7 +174,9 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
 
     mu, U = xp.linalg.eigh(Cw)
     mu_max = max(float(xp.max(xp.abs(mu))), 0.0)
-    rounding = 10.0 * d * dtype_eps(Cw.dtype) * mu_max
+    if psd_rtol is None:
+        psd_rtol = 10.0 * d * dtype_eps(Cw.dtype)
+    rounding = check_nonnegative_scalar("psd_rtol", psd_rtol) * mu_max
     if float(mu[0]) < -rounding:
         raise ValueError(f"C is not positive semidefinite: eigenvalue {float(mu[0]):.3g} "
                          f"below -{rounding:.3g} (rounding level)")

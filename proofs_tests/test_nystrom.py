@@ -295,3 +295,17 @@ def test_obs_full_set_and_bad_input():
         lrmath.nystrom_select(C, 3, method="obs", weight=np.ones((2, 5)))
     with pytest.raises(ValueError, match="NaN"):
         lrmath.nystrom_select(C, 3, method="obs", weight=np.full((2, 6), np.nan))
+
+
+def test_psd_rtol_accepts_a_float32_accumulated_statistic():
+    """A float32-accumulated Gram of fewer tokens than channels is PSD only to float32 rounding."""
+    rng = np.random.default_rng(4)
+    H = rng.standard_normal((64, 20)).astype(np.float32) * np.float32(30.0)
+    C = (H @ H.T).astype(np.float64)
+    C[np.diag_indices(64)] -= 1e-9 * np.abs(C).max()  # a rounding-size dent below zero
+    with pytest.raises(ValueError, match="positive semidefinite"):
+        lrmath.nystrom_select(C, 10)  # the float64 default refuses it
+    res = lrmath.nystrom_select(C, 10, psd_rtol=10 * 64 * float(np.finfo(np.float32).eps))
+    assert res.indices.shape == (10,)
+    with pytest.raises(ValueError, match="psd_rtol"):
+        lrmath.nystrom_select(C, 10, psd_rtol=-1.0)

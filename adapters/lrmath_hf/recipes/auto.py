@@ -54,7 +54,7 @@ def mlp_channel_gains(W_down: torch.Tensor, moments, ridge: float) -> tuple[np.n
     ``tr(W_d C W_d^T)`` (ridge-damped, the refit's metric).
     """
     C = moments.gram
-    sel = lrmath.nystrom_select(C, 1, ridge=ridge)
+    sel = lrmath.nystrom_select(C, 1, ridge=ridge, psd_rtol=10.0 * C.shape[-1] * float(torch.finfo(torch.float32).eps))
     scores = lrmath._backend.to_numpy(sel.scores)
     order = np.argsort(-scores, kind="stable")
     perm = torch.as_tensor(order, device=C.device)
