@@ -15,7 +15,7 @@ from lrmath_hf.specs import get_attention, get_spec
 
 from ._tiny_models import ARCHS, tiny_model, token_batch
 
-RECIPES = ("svd", "svd-llm", "flat", "flat-paper", "global", "auto")
+RECIPES = ("svd", "svd-llm", "flat", "flat-paper", "global", "auto", "latent")
 
 
 def calibration(n=6, length=24, seed=1):
