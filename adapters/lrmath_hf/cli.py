@@ -3,14 +3,18 @@
 ``lrmath compress smollm2-135m --recipe auto --ratio 0.2 --out runs/smollm2-20``
 loads the registry-shipped model, measures it, compresses it on the bundled
 calibration text, measures it again, and writes a loadable folder with
-``report.json`` and plots.  Everything is written into a staging folder that is
-renamed into place at the very end, so a failure or Ctrl-C leaves no
-half-written output.
+``report.json`` and plots.  With several ratios (``--ratio 0.1 0.2 0.3``) the dense
+model is measured and calibrated once, and ``--out`` holds one loadable folder per
+ratio (``ratio-0.10/`` ...), ``summary.json`` and ``perplexity_vs_ratio.png``.
+Everything is written into a staging folder that is renamed into place at the very
+end, so a failure or Ctrl-C leaves no half-written output.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import json
 import shlex
 import shutil
@@ -96,58 +100,214 @@ def _table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_compress(args) -> int:
-    import torch
+def _check_ratios(ratios: list[float]) -> list[float]:
+    seen: dict[str, float] = {}
+    for ratio in ratios:
+        if not 0.0 < ratio < 1.0:
+            raise CLIError(f"--ratio must be in (0, 1), got {ratio}")
+        name = _ratio_folder(ratio)
+        if name in seen and seen[name] == ratio:
+            raise CLIError(f"--ratio lists {ratio} twice; give each ratio once")
+        if name in seen:
+            raise CLIError(f"--ratio lists {seen[name]} and {ratio}: both would be written to {name}; "
+                           "give each ratio once")
+        seen[name] = ratio
+    return ratios
 
-    from .io import save_compressed
-    from .pipeline import compress
 
-    from .recipes import get_recipe
+def _ratio_folder(ratio: float) -> str:
+    """``ratio-0.20``; more digits only where two decimals would round the ratio."""
+    text = f"{ratio:.2f}"
+    return f"ratio-{text if float(text) == ratio else format(ratio, '.6g')}"
 
-    if not 0.0 < args.ratio < 1.0:
-        raise CLIError(f"--ratio must be in (0, 1), got {args.ratio}")
-    get_recipe(args.recipe)  # an unknown recipe fails before any model is loaded
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"{out} exists; pass --overwrite to replace it")
-    torch.manual_seed(0)
-    started = time.perf_counter()
+
+def _plots(report, folder: Path, model) -> None:
+    try:
+        from .plots import write_plots
+        from .specs import get_spec
+
+        write_plots(report, folder, spec=get_spec(model))
+    except ImportError:  # matplotlib is optional
+        pass
+
+
+def _prepare(args):
+    """Load the model and the calibration / evaluation windows."""
     model, tokenizer = _load(args.model)
     calib = _windows(tokenizer, _text(args.calib, "calibration"), args.seq_len, args.calib_windows, "calibration")
     eval_windows = None
     if args.eval_windows > 0:
         eval_windows = _windows(tokenizer, _text(args.eval_text or args.calib, "evaluation"), args.seq_len,
                                 args.eval_windows, "evaluation")
+    return model, tokenizer, calib, eval_windows
+
+
+def _save(model, report, folder: Path, args, ratio: float, before: dict, after: dict, started: float) -> dict:
+    """Write the loadable folder with report.json and plots; return the report payload."""
+    from .io import save_compressed
+
+    payload = report.to_dict()
+    save_compressed(model, folder, report=payload, recipe=args.recipe, options={"ratio": ratio})
+    after["file_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    before.setdefault("file_bytes", before["parameters"] * next(model.parameters()).element_size())
+    payload.update(model=args.model, before=before, after=after, command=shlex.join(sys.argv),
+                   wall_seconds=time.perf_counter() - started)
+    (folder / "report.json").write_text(json.dumps(payload, indent=2, default=str))
+    _plots(report, folder, model)
+    return payload
+
+
+def _publish(built: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    built.rename(out)
+
+
+def cmd_compress(args) -> int:
+    import torch
+
+    from .recipes import get_recipe
+
+    ratios = _check_ratios(list(args.ratio))
+    get_recipe(args.recipe)  # an unknown recipe fails before any model is loaded
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out} exists; pass --overwrite to replace it")
+    torch.manual_seed(0)
+    if len(ratios) > 1:
+        return _compress_many(args, sorted(ratios), out)
+    from .pipeline import compress
+
+    ratio = ratios[0]
+    started = time.perf_counter()
+    model, tokenizer, calib, eval_windows = _prepare(args)
     before = _measure(model, tokenizer, eval_windows, args)
-    report = compress(model, calib, recipe=args.recipe, ratio=args.ratio, progress=not args.quiet,
+    report = compress(model, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
                       calibration_source=f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens")
     after = _measure(model, tokenizer, eval_windows, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         folder = staging / "model"
-        payload = report.to_dict()
-        save_compressed(model, folder, report=payload, recipe=args.recipe, options={"ratio": args.ratio})
-        after["file_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        before["file_bytes"] = before["parameters"] * next(model.parameters()).element_size()
-        payload.update(model=args.model, before=before, after=after, command=shlex.join(sys.argv),
-                       wall_seconds=time.perf_counter() - started)
-        (folder / "report.json").write_text(json.dumps(payload, indent=2, default=str))
-        try:
-            from .plots import write_plots
-
-            write_plots(report, folder)
-        except ImportError:  # matplotlib is optional
-            pass
-        if out.exists():
-            shutil.rmtree(out)
-        folder.rename(out)
+        _save(model, report, folder, args, ratio, before, after, started)
+        _publish(folder, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(report.summary())
     print(_table(before, after))
     print(f"saved to {out} (load with lrmath_hf.load_compressed)")
     return 0
+
+
+def _union_plan(spec):
+    """Every statistic the decoder recipes read: all input groups, q/k/v head outputs, importance."""
+    from .calibrate import CalibrationPlan
+    from .recipes.common import group_name
+
+    inputs = {group_name(g): spec.linears[g[0]] for g in spec.input_groups}
+    heads = {role: (spec.linears[role], spec.num_heads if role == "q" else spec.num_kv_heads, spec.head_dim)
+             for role in ("v", "q", "k") if role in spec.linears}
+    return CalibrationPlan(inputs=inputs, head_outputs=heads, importance=True)
+
+
+def _takes_stats(recipe) -> bool:
+    params = inspect.signature(recipe).parameters
+    return "stats" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _compress_many(args, ratios: list[float], out: Path) -> int:
+    """One dense measurement and (where the recipe reuses statistics) one calibration for every ratio."""
+    from .pipeline import compress
+    from .recipes import get_recipe
+    from .recipes.common import run_calibration
+    from .specs import get_spec
+
+    started = time.perf_counter()
+    model, tokenizer, calib, eval_windows = _prepare(args)
+    before = _measure(model, tokenizer, eval_windows, args)
+    before["file_bytes"] = before["parameters"] * next(model.parameters()).element_size()
+    source = f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens"
+    stats, calib_seconds = None, 0.0
+    if _takes_stats(get_recipe(args.recipe)):
+        t0 = time.perf_counter()
+        stats = run_calibration(model, get_spec(model), [w[None] for w in calib], _union_plan(get_spec(model)),
+                                progress=not args.quiet)
+        calib_seconds = time.perf_counter() - t0
+        if not args.quiet:
+            print(f"calibrated once for {len(ratios)} ratios: {stats.tokens:,} tokens in {calib_seconds:.1f} s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    rows = []
+    try:
+        root = staging / "result"
+        root.mkdir()
+        for ratio in ratios:
+            t0 = time.perf_counter()
+            trial = copy.deepcopy(model)
+            options = {"stats": stats} if stats is not None else {}
+            try:
+                report = compress(trial, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
+                                  calibration_source=source, **options)
+            except TypeError as exc:
+                if stats is None or "unexpected keyword argument 'stats'" not in str(exc):
+                    raise
+                stats = None  # the recipe's **options do not take statistics: calibrate per ratio
+                trial = copy.deepcopy(model)
+                report = compress(trial, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
+                                  calibration_source=source)
+            if options and stats is not None:
+                report.options.pop("stats", None)
+                report.timings["calibration_shared"] = calib_seconds
+                report.calibration["shared_across_ratios"] = ratios
+            after = _measure(trial, tokenizer, eval_windows, args)
+            name = _ratio_folder(ratio)
+            _save(trial, report, root / name, args, ratio, dict(before), after, t0)
+            rows.append({"folder": name, "ratio_requested": ratio, "ratio_achieved": report.ratio_achieved,
+                         "model_ratio_achieved": report.model_ratio_achieved, **after,
+                         "compress_seconds": report.timings.get("total")})
+            del trial
+            if not args.quiet:
+                ppl = f", perplexity {after['perplexity']:.2f}" if "perplexity" in after else ""
+                print(f"ratio {ratio}: removed {100 * report.ratio_achieved:.1f}% of decoder-linear "
+                      f"parameters{ppl} -> {name}/")
+        summary = {"model": args.model, "recipe": args.recipe, "ratios": ratios, "dense": before,
+                   "rows": rows,
+                   "calibration": {"source": source, "shared": stats is not None, "seconds": calib_seconds},
+                   "command": shlex.join(sys.argv), "wall_seconds": time.perf_counter() - started}
+        (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if all("perplexity" in r for r in rows):
+            try:
+                from .plots import plot_quality_vs_ratio
+
+                plot_quality_vs_ratio({args.recipe: [(r["ratio_achieved"], r["perplexity"]) for r in rows]},
+                                      root / "perplexity_vs_ratio.png", dense=before.get("perplexity"),
+                                      title=f"{_model_label(args.model)}: recipe {args.recipe}")
+            except ImportError:  # matplotlib is optional
+                pass
+        _publish(root, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(_ratio_table(before, rows))
+    print(f"saved {len(rows)} models to {out}/ratio-*/ (load each with lrmath_hf.load_compressed); "
+          f"summary in {out / 'summary.json'}")
+    return 0
+
+
+def _model_label(name: str) -> str:
+    return Path(name).name if Path(name).exists() else name
+
+
+def _ratio_table(dense: dict, rows: list[dict]) -> str:
+    cols = [("removed", lambda r: f"{100 * r['ratio_achieved']:.1f}%" if "ratio_achieved" in r else "-"),
+            ("parameters", lambda r: f"{r['parameters']:,}"),
+            ("file MB", lambda r: f"{r['file_bytes'] / 1e6:.2f}" if "file_bytes" in r else "-"),
+            ("perplexity", lambda r: f"{r['perplexity']:.2f}" if "perplexity" in r else "-"),
+            ("prefill tok/s", lambda r: f"{r['prefill_tokens_per_s']:.0f}" if "prefill_tokens_per_s" in r else "-"),
+            ("decode tok/s", lambda r: f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else "-")]
+    lines = [f"{'ratio':<8}" + "".join(f"{c:>15}" for c, _ in cols)]
+    for label, row in [("dense", dense)] + [(f"{r['ratio_requested']:g}", r) for r in rows]:
+        lines.append(f"{label:<8}" + "".join(f"{fmt(row):>15}" for _, fmt in cols))
+    return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
@@ -185,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", parents=[common], help="compress a model and write a loadable folder")
     p.add_argument("model", help="zoo name (e.g. smollm2-135m), local folder or hub id")
     p.add_argument("--recipe", default="auto")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of decoder-linear parameters to remove")
+    p.add_argument("--ratio", type=float, nargs="+", default=[0.2], metavar="RATIO",
+                   help="fraction of decoder-linear parameters to remove, in (0, 1); several ratios write "
+                        "one folder each (ratio-0.20/ ...), summary.json and perplexity_vs_ratio.png")
     p.add_argument("--calib", default="wiki", help="'wiki' or a text file")
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--eval-text", default=None, help="default: the evaluation split of --calib")

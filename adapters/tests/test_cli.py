@@ -1,11 +1,16 @@
-"""The ``lrmath`` command: one-line errors with exit code 2 and nothing written on bad input."""
+"""The `lrmath` command: one-line errors, exit code 2, nothing written on bad input; several ratios per run."""
 
+import json
+import random
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from lrmath_hf.cli import main
+from lrmath_hf.cli import _ratio_folder, main
+
+from ._tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -32,3 +37,115 @@ def test_unknown_recipe_is_refused_before_any_work(tmp_path, capsys):
 def test_module_entry_point_prints_help():
     out = subprocess.run([sys.executable, "-m", "lrmath_hf", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "compress" in out.stdout
+
+
+# --- several ratios in one run, on a tiny local model folder -------------------------------------------------
+
+TINY_ARGS = ["--seq-len", "32", "--calib-windows", "8", "--eval-windows", "4", "--quiet"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A 2-layer Llama saved with a byte-level tokenizer, and a calibration text file."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", dtype=torch.float32, vocab_size=256).save_pretrained(root / "model")
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = ["the", "model", "low", "rank", "matrix", "of", "a", "and", "is", "spectrum"]
+    (root / "text.txt").write_text(" ".join(rng.choice(words) for _ in range(1500)))
+    return root
+
+
+def _compress(tiny_folder, out, *ratios, extra=()):
+    return main(["compress", str(tiny_folder / "model"), "--calib", str(tiny_folder / "text.txt"), *TINY_ARGS,
+                 *extra, "--ratio", *map(str, ratios), "--out", str(out)])
+
+
+def _no_staging_left(folder):
+    return not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_several_ratios_write_one_loadable_folder_each_and_a_summary(tiny_folder, tmp_path, capsys):
+    from lrmath_hf.io import load_compressed
+
+    out = tmp_path / "sweep"
+    assert _compress(tiny_folder, out, 0.4, 0.2) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["ratio", "removed"] and [line.split()[0] for line in table[1:4]] == [
+        "dense", "0.2", "0.4"]
+    assert sorted(p.name for p in out.iterdir()) == ["perplexity_vs_ratio.png", "ratio-0.20", "ratio-0.40",
+                                                     "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["ratio_requested"] for r in summary["rows"]] == [0.2, 0.4]
+    assert summary["calibration"]["shared"] is True
+    for key in ("perplexity", "prefill_tokens_per_s", "decode_tokens_per_s", "parameters", "file_bytes"):
+        assert key in summary["dense"] and all(key in r for r in summary["rows"])
+    assert summary["rows"][0]["parameters"] > summary["rows"][1]["parameters"]
+    ids = torch.arange(16)[None]
+    for row in summary["rows"]:
+        folder = out / row["folder"]
+        report = json.loads((folder / "report.json").read_text())
+        assert report["ratio_requested"] == row["ratio_requested"] and "stats" not in report["options"]
+        assert abs(report["ratio_achieved"] - row["ratio_achieved"]) < 1e-12
+        assert (folder / "ranks.png").read_bytes().startswith(PNG_SIGNATURE)
+        model = load_compressed(folder)
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+        assert sum(p.numel() for p in model.parameters()) <= row["parameters"]  # tied weights counted once
+    assert (out / "perplexity_vs_ratio.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert _no_staging_left(tmp_path)
+
+
+def test_shared_calibration_matches_a_single_ratio_run(tiny_folder, tmp_path):
+    assert _compress(tiny_folder, tmp_path / "sweep", 0.2, 0.4, extra=["--no-speed"]) == 0
+    assert _compress(tiny_folder, tmp_path / "one", 0.4, extra=["--no-speed"]) == 0
+    one = json.loads((tmp_path / "one" / "report.json").read_text())  # one ratio: the folder is the model
+    assert not (tmp_path / "one" / "summary.json").exists()
+    swept = json.loads((tmp_path / "sweep" / "ratio-0.40" / "report.json").read_text())
+    assert swept["ranks"] == one["ranks"]
+    assert swept["after"]["parameters"] == one["after"]["parameters"]
+    assert swept["after"]["perplexity"] == pytest.approx(one["after"]["perplexity"], rel=1e-5)
+
+
+def test_interrupt_during_a_sweep_leaves_nothing(tiny_folder, tmp_path, monkeypatch, capsys):
+    from lrmath_hf import cli
+
+    calls = []
+    real_save = cli._save
+
+    def save_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_save", save_then_interrupt)
+    assert _compress(tiny_folder, tmp_path / "sweep", 0.2, 0.4, extra=["--no-speed"]) == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists() and _no_staging_left(tmp_path)
+
+
+@pytest.mark.parametrize("ratios, message", [
+    (["0.2", "0.2"], "twice"),
+    (["0.2", "0.20"], "twice"),
+    (["0.2", "1.5"], "--ratio must be in (0, 1)"),
+    (["0.1", "0"], "--ratio must be in (0, 1)"),
+])
+def test_bad_ratio_lists_are_refused_before_any_work(ratios, message, tmp_path, capsys):
+    code = main(["compress", "smollm2-135m", "--ratio", *ratios, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists() and _no_staging_left(tmp_path)
+
+
+def test_ratio_folder_names_keep_distinct_ratios_apart():
+    assert _ratio_folder(0.2) == "ratio-0.20" and _ratio_folder(0.1) == "ratio-0.10"
+    assert _ratio_folder(0.205) == "ratio-0.205" != _ratio_folder(0.2)
