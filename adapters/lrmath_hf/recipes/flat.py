@@ -188,7 +188,10 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
         for layer, layer_stats in enumerate(stats.layers):
             head_rank, channels = _ranks(spec, float(w[layer]))
             if head_rank < spec.head_dim:
-                bases = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank).basis
+                pca = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank)
+                bases = pca.basis
+                # for the plots: the value spectrum summed over KV heads, with the kept head dim
+                result.spectra[f"{layer}.v"] = (lrmath._backend.to_numpy(pca.eigenvalues).sum(axis=0), head_rank)
                 w_o = weight64(get_linear(model, layer, "o", spec))
                 fold_value_output(get_attention(model, layer, spec), spec, bases)
                 if refit_o:
