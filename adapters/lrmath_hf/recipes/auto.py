@@ -44,7 +44,7 @@ from ..attention import fold_value_output
 from ..calibrate import CalibrationPlan
 from ..specs import ArchSpec, get_attention, get_linear
 from . import RecipeResult, register
-from .common import run_calibration, timer, weight64
+from .common import gram_psd_rtol, run_calibration, timer, weight64
 from .flat import _nystrom_mlp, run_flat
 from .svd import _vo_spectrum
 
@@ -59,7 +59,7 @@ def mlp_channel_gains(W_down: torch.Tensor, moments, ridge: float) -> tuple[np.n
     ``tr(W_d C W_d^T)`` (ridge-damped, the refit's metric).
     """
     C = moments.gram
-    sel = lrmath.nystrom_select(C, 1, ridge=ridge, psd_rtol=10.0 * C.shape[-1] * float(torch.finfo(torch.float32).eps))
+    sel = lrmath.nystrom_select(C, 1, ridge=ridge, psd_rtol=gram_psd_rtol(C.shape[-1]))
     scores = lrmath._backend.to_numpy(sel.scores)
     order = np.argsort(-scores, kind="stable")
     perm = torch.as_tensor(order, device=C.device)

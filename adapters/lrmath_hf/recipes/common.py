@@ -24,6 +24,7 @@ __all__ = [
     "install_factors",
     "run_calibration",
     "timer",
+    "gram_psd_rtol",
 ]
 
 
@@ -50,6 +51,15 @@ def linear_parameters(model: nn.Module, spec: ArchSpec) -> int:
         for index, _ in iter_layers(model, spec)
         for role in spec.roles
     )
+
+
+def gram_psd_rtol(dim: int, gram_dtype: torch.dtype = torch.float32) -> float:
+    """Relative eigenvalue level below zero that a calibrated Gram may show from rounding.
+
+    The calibration accumulates each batch's Gram product in ``gram_dtype`` (float32 by
+    default), so the float64 statistic is PSD only to that precision.
+    """
+    return 10.0 * dim * float(torch.finfo(gram_dtype).eps)
 
 
 def weight64(linear: nn.Module) -> torch.Tensor:

@@ -33,7 +33,7 @@ from ..calibrate import CalibrationPlan
 from ..modules import HeadwiseProjection
 from ..specs import ArchSpec, get_attention, get_linear, set_linear
 from . import RecipeResult, register
-from .common import run_calibration, timer, weight64
+from .common import gram_psd_rtol, run_calibration, timer, weight64
 
 __all__ = ["flat_plan", "layer_parameters", "run_flat", "run_flat_paper"]
 
@@ -131,10 +131,8 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
                  selection: str = "leverage") -> None:
     down = get_linear(model, layer, "down", spec)
     weight = weight64(down).cpu() if selection == "obs" else None
-    # the Gram came from float32 partial products: PSD only to float32 rounding
-    psd_rtol = 10.0 * moments.gram.shape[-1] * float(torch.finfo(torch.float32).eps)
     sel = lrmath.nystrom_select(moments.gram, channels, ridge=ridge, method=selection, weight=weight,
-                                psd_rtol=psd_rtol)
+                                psd_rtol=gram_psd_rtol(moments.gram.shape[-1]))
     keep = torch.as_tensor(lrmath._backend.to_numpy(sel.indices), dtype=torch.long)
     roles = ("gate", "up") if spec.mlp_kind == "gated" else ("up",)
     for role in roles:
