@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from array_api_compat import to_device
 
-from ._backend import as_work, device_of, from_numpy, namespace, to_numpy, work_dtype
+from ._backend import as_work, device_of, from_numpy, gram, namespace, to_numpy, work_dtype
 from ._validation import check_array, check_finite, check_int
 
 __all__ = ["FORMAT_VERSION", "Moments", "PowerSums"]
@@ -52,10 +52,9 @@ def _centred_sums(x, xp, gram_dtype=None):
     y = x - mean[..., None, :]
     r2 = xp.vecdot(y, y, axis=-1)  # no n x d temporaries (benchmarks/test_bench_shrinkage.py)
     if gram_dtype is None or gram_dtype == y.dtype:
-        m2 = xp.matrix_transpose(y) @ y
+        m2 = gram(y, xp)
     else:
-        y_low = xp.astype(y, gram_dtype)
-        m2 = xp.astype(xp.matrix_transpose(y_low) @ y_low, y.dtype)
+        m2 = xp.astype(gram(xp.astype(y, gram_dtype), xp), y.dtype)
     m3 = (r2[..., None, :] @ y)[..., 0, :]
     m4 = xp.vecdot(r2, r2, axis=-1)
     return mean, m2, m3, m4

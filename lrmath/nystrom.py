@@ -139,8 +139,10 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
     at most 64 rounds run: each removes the ``ceil((d - k) / 64)`` cheapest
     channels at once, with their joint downdate applied exactly (one channel
     per round whenever ``d - k <= 64``). ``K^{-1}`` is formed
-    once from the eigendecomposition above (relative damping keeps it
-    bounded by ``1 / lam``); the final refit still uses the Cholesky solve.
+    once from a Cholesky factor of ``K`` (relative damping keeps it bounded by
+    ``1 / lam``; only the eigenvalues of ``C`` are computed, for the PSD
+    check), the scores are ``diag(C K^{-1})`` from it, and the final refit
+    still uses the Cholesky solve of ``C_SS + lam I``.
 
     Examples
     --------
@@ -172,7 +174,8 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
     Cw = (Cw + xp.matrix_transpose(Cw)) / 2
     dev = device_of(Cw)
 
-    mu, U = xp.linalg.eigh(Cw)
+    # "obs" needs K^-1, not the eigenvectors: eigenvalues alone (for the PSD check) cost a fraction
+    mu, U = (xp.linalg.eigvalsh(Cw), None) if method == "obs" else xp.linalg.eigh(Cw)
     mu_max = max(float(xp.max(xp.abs(mu))), 0.0)
     if psd_rtol is None:
         psd_rtol = 10.0 * d * dtype_eps(Cw.dtype)
@@ -183,16 +186,18 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
     trace = float(xp.sum(xp.linalg.diagonal(Cw)))
     lam = ridge * trace / d
     mu = xp.clip(mu, min=0.0)
-    if lam > 0:
-        weights = mu / (mu + lam)
-    else:  # projector onto range(C): a rank decision at the rounding level
-        weights = xp.astype(mu > rounding, Cw.dtype)
-    scores = (U**2) @ weights
     Ww = None if weight is None else as_work(weight, xp)
 
     if method == "obs":
-        indices = _obs_eliminate(Cw, mu, U, lam, Ww, k, xp)
+        Kinv = _ridge_inverse(Cw, lam, xp)
+        scores = xp.clip(xp.sum(Cw * Kinv, axis=0), min=0.0, max=1.0)  # diag(C K^-1)
+        indices = _obs_eliminate(Cw, Kinv, Ww, k, xp)
     else:
+        if lam > 0:
+            weights = mu / (mu + lam)
+        else:  # projector onto range(C): a rank decision at the rounding level
+            weights = xp.astype(mu > rounding, Cw.dtype)
+        scores = (U**2) @ weights
         order = xp.argsort(-scores, stable=True)  # descending, ties to the lower index
         indices = xp.sort(order[:k])
     if k == 0:
@@ -232,11 +237,21 @@ def _weighted_error(Cw, W, R, indices, xp):
     return xp.clip(err, min=0.0)
 
 
-def _obs_eliminate(Cw, mu, U, lam, W, k, xp):
+def _ridge_inverse(Cw, lam, xp):
+    """``(C + lam I)^{-1}`` from a Cholesky factor (``lam > 0``; ``C`` already checked PSD)."""
+    d = Cw.shape[-1]
+    eye = xp.eye(d, dtype=Cw.dtype, device=device_of(Cw))
+    L = cholesky_or_none(Cw + lam * eye, xp)
+    if L is None:  # only when lam is below the rounding of C's smallest eigenvalues
+        raise ValueError(f"C + lam I is numerically indefinite (lam = {lam:.3g}); use a larger ridge")
+    Linv = solve_triangular(L, eye, lower=True, xp=xp)
+    return xp.matrix_transpose(Linv) @ Linv
+
+
+def _obs_eliminate(Cw, Kinv, W, k, xp):
     """Indices kept by greedy backward elimination (``method="obs"``), ascending int64."""
     d = Cw.shape[-1]
     dev = device_of(Cw)
-    Kinv = (U / (mu + lam)) @ xp.matrix_transpose(U)  # (C + lam I)^-1 from the eigenpairs
     # the optimal refit with every channel kept: W C K^-1 (C K^-1 without a weight)
     WS = (Cw if W is None else W @ Cw) @ Kinv
     alive = xp.ones((d,), dtype=xp.bool, device=dev)

@@ -276,3 +276,19 @@ def test_inputs_are_not_mutated_and_any_real_dtype_is_accepted():
     assert acc.count == 6 and acc.covariance().dtype == np.float64
     ref = np.concatenate([X.astype(np.float64), np.arange(6.0).reshape(2, 3)])
     np.testing.assert_allclose(acc.covariance(), np.cov(ref.T, bias=True), rtol=1e-13)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=split_samples(max_n=60, max_p=10))
+def test_gram_kernel_is_the_exact_symmetric_product(backend, case):
+    """The Gram kernel behind ``update`` (numpy's ``syrk`` for CPU torch): ``Y^T Y``, exactly symmetric."""
+    from lrmath._backend import gram
+
+    X = case[0]
+    for arr in (X, X[::2], np.asfortranarray(X)):  # contiguous, strided, column-major
+        G = gram(to_backend(arr, backend))
+        assert same_library(G, to_backend(arr, backend))
+        G = to_numpy(G)
+        ref = arr.T @ arr
+        assert np.array_equal(G, G.T)
+        assert np.allclose(G, ref, rtol=0, atol=tolerance(np.float64, arr.shape[0] + 1) * max(np.abs(ref).max(), 1))

@@ -160,3 +160,57 @@ def test_flat_obs_and_refit_meet_budget_and_round_trip(arch, tmp_path):
     with pytest.raises(ValueError, match="selection"):
         lrmath_hf.compress(tiny_model(arch), calibration(), recipe="flat", ratio=0.3, progress=False,
                            selection="random")
+
+
+def _o_loss(W, C, P):
+    """``min_B E||W z - B P^T z||^2`` for ``E[z z^T] = C``: the least-squares o_proj on ``range(P)``."""
+    CP = C @ P
+    return float(torch.trace(W @ C @ W.T) - torch.trace(W @ CP @ torch.linalg.solve(P.T @ CP, CP.T @ W.T)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_output_bases_are_the_optimal_value_subspace_for_one_head(seed):
+    """``v_basis="output"``, one query head per KV head: the subspace attains the reduced-rank optimum.
+
+    With a least-squares ``o_proj`` the loss over rank-``r`` value subspaces is
+    minimised at ``sum_{i>r} sigma_i^2`` of ``W C^{1/2}``; PCA of the values and
+    random subspaces can only do worse.
+    """
+    from types import SimpleNamespace
+
+    from lrmath_hf.recipes.flat import _output_bases
+
+    g = torch.Generator().manual_seed(seed)
+    n, d, heads, r = 12, 8, 2, 3
+    mix = torch.randn(heads * d, heads * d, generator=g, dtype=torch.float64)
+    z = torch.randn(500, heads * d, generator=g, dtype=torch.float64) @ mix
+    C = z.T @ z
+    W = torch.randn(n, heads * d, generator=g, dtype=torch.float64)
+    spec = SimpleNamespace(head_dim=d, group_size=1, num_kv_heads=heads)
+    moments = SimpleNamespace(second_moment=lambda: C)
+    bases = _output_bases(spec, moments, W, r)
+    assert bases.shape == (heads, d, r)
+    for h in range(heads):
+        block = slice(h * d, (h + 1) * d)
+        Wh, Ch, P = W[:, block], C[block, block], bases[h]
+        assert torch.allclose(P.T @ P, torch.eye(r, dtype=P.dtype), atol=1e-12)
+        optimum = float(lrmath.whitened_svd(Wh, Ch, r).dropped)
+        scale = float(torch.trace(Wh @ Ch @ Wh.T))
+        assert abs(_o_loss(Wh, Ch, P) - optimum) <= 1e-9 * scale
+        pca = torch.linalg.eigh(Ch).eigenvectors[:, -r:]
+        assert _o_loss(Wh, Ch, pca) >= optimum - 1e-9 * scale
+        for _ in range(5):
+            rand = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64)).Q
+            assert _o_loss(Wh, Ch, rand) >= optimum - 1e-9 * scale
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flat_output_bases_meet_budget_and_reject_bad_option(arch):
+    model = tiny_model(arch, dtype=torch.float32)
+    report = lrmath_hf.compress(model, calibration(), recipe="flat", ratio=0.3, progress=False,
+                                selection="obs", refit_o=True, v_basis="output")
+    assert 0.25 <= report.ratio_achieved <= 0.35, report.ratio_achieved
+    assert torch.isfinite(model(token_batch(seed=5)).logits).all()
+    with pytest.raises(ValueError, match="v_basis"):
+        lrmath_hf.compress(tiny_model(arch), calibration(), recipe="flat", ratio=0.3, progress=False,
+                           v_basis="energy")

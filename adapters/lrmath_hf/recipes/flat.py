@@ -127,6 +127,31 @@ def _refit_o(model, spec: ArchSpec, layer: int, moments, w_o: torch.Tensor, base
         o_proj.weight.copy_(W.to(device=o_proj.weight.device, dtype=o_proj.weight.dtype))
 
 
+def _output_bases(spec: ArchSpec, moments, w_o: torch.Tensor, rank: int) -> torch.Tensor:
+    r"""Per-KV-head value bases chosen for ``o_proj``'s output, not the value energy.
+
+    For query head ``h`` with ``o_proj`` input block ``z_h = A_h v_{g(h)}``
+    (attention mixing ``A_h``, linear) and weight block ``W_h``, projecting the
+    value head onto ``range(P)`` delivers ``P^T z_h`` exactly. With the
+    least-squares ``o_proj`` the loss is a reduced-rank regression, minimised
+    for one head by the row space of the whitened SVD's right factor of ``W_h``
+    under ``C_h = E[z_h z_h^T]``. Heads sharing a KV head share ``P``; they are
+    stacked, ``[W_h]_h``, under the pooled ``sum_h C_h`` (exact for one head
+    per group or equal ``C_h``). Returns orthonormal ``(G, d_h, r)`` float64.
+    """
+    d, gs = spec.head_dim, spec.group_size
+    C = moments.second_moment().to(torch.float64).cpu()
+    W = w_o.to(torch.float64).cpu()
+    out = []
+    for g in range(spec.num_kv_heads):
+        heads = range(g * gs, (g + 1) * gs)
+        stacked = torch.cat([W[:, h * d:(h + 1) * d] for h in heads], dim=0)
+        pooled = sum(C[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in heads)
+        right = lrmath.whitened_svd(stacked, pooled, rank).right  # (r, d_h): the kept code P^T z
+        out.append(torch.linalg.qr(right.T).Q)
+    return torch.stack(out)
+
+
 def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridge: float,
                  selection: str = "leverage") -> None:
     down = get_linear(model, layer, "down", spec)
@@ -155,17 +180,20 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
 
 
 def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None, selection="leverage",
-         refit_o=False) -> RecipeResult:
+         refit_o=False, v_basis="pca") -> RecipeResult:
     if selection not in ("leverage", "obs"):
         raise ValueError(f"selection must be 'leverage' or 'obs', got {selection!r}")
+    if v_basis not in ("pca", "output"):
+        raise ValueError(f"v_basis must be 'pca' or 'output', got {v_basis!r}")
+    needs_o = refit_o or v_basis == "output"
     result = RecipeResult()
     if stats is None:
         with timer(result.timings, "calibration"):
-            stats = run_calibration(model, spec, batches, flat_plan(spec, qk=qk, refit_o=refit_o),
+            stats = run_calibration(model, spec, batches, flat_plan(spec, qk=qk, refit_o=needs_o),
                                     progress=progress)
-    if refit_o and any("o" not in s.inputs for s in stats.layers):
-        raise ValueError("refit_o=True needs the o_proj input statistic ('o'); calibrate with "
-                         "flat_plan(spec, qk=..., refit_o=True)")
+    if needs_o and any("o" not in s.inputs for s in stats.layers):
+        raise ValueError("refit_o=True and v_basis='output' need the o_proj input statistic ('o'); "
+                         "calibrate with flat_plan(spec, qk=..., refit_o=True)")
     result.calibration_tokens = stats.tokens
     with timer(result.timings, "decisions"):
         mode = "reference" if paper else "paper"
@@ -191,6 +219,9 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
                 # for the plots: the value spectrum summed over KV heads, with the kept head dim
                 result.spectra[f"{layer}.v"] = (lrmath._backend.to_numpy(pca.eigenvalues).sum(axis=0), head_rank)
                 w_o = weight64(get_linear(model, layer, "o", spec))
+                if v_basis == "output":
+                    bases = _output_bases(spec, layer_stats.inputs["o"], w_o, head_rank).to(
+                        device=w_o.device)
                 fold_value_output(get_attention(model, layer, spec), spec, bases)
                 if refit_o:
                     _refit_o(model, spec, layer, layer_stats.inputs["o"], w_o, torch.as_tensor(bases))
@@ -203,14 +234,14 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
                                         "mlp_channels": channels}
     result.details = {"importance": importance.tolist(), "kept_fraction": [float(x) for x in w],
                       "qk": qk, "ridge": ridge, "accounting": "paper" if paper else "exact",
-                      "selection": selection, "refit_o": refit_o}
+                      "selection": selection, "refit_o": refit_o, "v_basis": v_basis}
     return result
 
 
 @register("flat")
 def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True, qk: bool = False,
              ridge: float = 1e-3, selection: str = "leverage", refit_o: bool = False,
-             stats=None) -> RecipeResult:
+             v_basis: str = "pca", stats=None) -> RecipeResult:
     """FLAT-LLM with exact parameter accounting and a relative Nystrom ridge.
 
     Parameters
@@ -226,6 +257,10 @@ def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     refit_o : bool
         Refit ``o_proj`` by least squares on the kept value subspaces
         (needs the ``o_proj`` input statistic; see :func:`_refit_o`).
+    v_basis : {"pca", "output"}
+        Value subspaces by head-wise PCA of the value outputs (FLAT) or by
+        ``o_proj``'s output error under the attention-mixed inputs
+        (:func:`_output_bases`; needs the ``o_proj`` input statistic).
 
     Notes
     -----
@@ -233,7 +268,7 @@ def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     dropped eigenvalues), Algorithm 1 (IPRS), appendix C (Nystrom MLP).
     """
     return _run(model, spec, batches, ratio=ratio, progress=progress, qk=qk, paper=False, ridge=ridge,
-                stats=stats, selection=selection, refit_o=refit_o)
+                stats=stats, selection=selection, refit_o=refit_o, v_basis=v_basis)
 
 
 @register("flat-paper")
