@@ -49,6 +49,8 @@ _EXPORTS = {
     "joint_subspaces": "tucker",
     "JointSubspaces": "tucker",
     "nystrom_select": "nystrom",
+    "nystrom_refit": "nystrom",
+    "EliminationPath": "nystrom",
     "NystromResult": "nystrom",
     "joint_mlp": "updown",
     "JointMLPResult": "updown",

@@ -4,10 +4,32 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._backend import as_work, cholesky_or_none, device_of, namespace, solve_triangular
+from ._backend import as_work, cholesky_or_none, device_of, namespace, solve_triangular, to_numpy
 from ._validation import check_array, check_finite, check_nonnegative_scalar, check_rank, check_symmetric, dtype_eps
 
-__all__ = ["NystromResult", "nystrom_select"]
+__all__ = ["EliminationPath", "NystromResult", "nystrom_refit", "nystrom_select"]
+
+
+class EliminationPath(NamedTuple):
+    """The greedy path of ``method="obs"`` (:func:`nystrom_select`): one run serves every smaller ``k``.
+
+    Attributes
+    ----------
+    removed : array, shape (d - k,)
+        Channels in the order they were eliminated (int64). Backward
+        elimination is nested: the kept set at count ``c >= k`` is every
+        channel except ``removed[: d - c]``.
+    counts : array, shape (rounds + 1,)
+        Channels kept after each round, from ``d`` down to ``k`` (int64).
+    objective : array, shape (rounds + 1,)
+        The (weighted) ridge objective of the refit at those counts:
+        ``tr(W C W^T) - tr(W C_{:S} (C_SS + lam I)^{-1} C_{S:} W^T)``,
+        non-decreasing.
+    """
+
+    removed: Any
+    counts: Any
+    objective: Any
 
 
 class NystromResult(NamedTuple):
@@ -31,6 +53,8 @@ class NystromResult(NamedTuple):
     weighted_error : array, shape () or None
         ``||W (H - R H[S])||_F^2`` when a ``weight`` ``W`` was given: the
         output error of the refitted layer ``y = W h``; ``None`` otherwise.
+    path : EliminationPath or None
+        The elimination path (``method="obs"`` only).
     """
 
     indices: Any
@@ -40,6 +64,7 @@ class NystromResult(NamedTuple):
     objective: Any
     lam: float
     weighted_error: Any = None
+    path: Any = None
 
 
 def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", weight=None,
@@ -188,10 +213,11 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
     mu = xp.clip(mu, min=0.0)
     Ww = None if weight is None else as_work(weight, xp)
 
+    path = None
     if method == "obs":
         Kinv = _ridge_inverse(Cw, lam, xp)
         scores = xp.clip(xp.sum(Cw * Kinv, axis=0), min=0.0, max=1.0)  # diag(C K^-1)
-        indices = _obs_eliminate(Cw, Kinv, Ww, k, xp)
+        indices, path = _obs_eliminate(Cw, Kinv, Ww, k, xp)
     else:
         if lam > 0:
             weights = mu / (mu + lam)
@@ -200,10 +226,73 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
         scores = (U**2) @ weights
         order = xp.argsort(-scores, stable=True)  # descending, ties to the lower index
         indices = xp.sort(order[:k])
+    return _refit(Cw, indices, lam, trace, Ww, xp)._replace(scores=scores, path=path)
+
+
+def nystrom_refit(C, indices, *, ridge: float = 1e-2, weight=None) -> NystromResult:
+    r"""The Nystrom refit of :func:`nystrom_select` for a given kept set (e.g. a point of an elimination path).
+
+    Parameters
+    ----------
+    C : array, shape (d, d)
+        Symmetric PSD second moment of the channels.
+    indices : array of int, shape (k,)
+        Kept channels, distinct, in ``[0, d)``; returned sorted.
+    ridge : float, default 1e-2
+        Relative ridge, ``lam = ridge * tr(C) / d``.
+    weight : array, shape (m, d), optional
+        The layer reading the channels; ``weighted_error`` is reported.
+
+    Returns
+    -------
+    NystromResult
+        As :func:`nystrom_select`, with ``scores`` and ``path`` ``None``.
+
+    Raises
+    ------
+    ValueError
+        ``C`` not square, symmetric and finite; ``indices`` not distinct
+        integers in range; ``ridge`` negative; a numerically singular
+        ``C[S, S]`` at ``ridge = 0``; ``weight`` of the wrong shape.
+
+    Notes
+    -----
+    ``R = C_{:S} (C_SS + lam I)^{-1}`` by a Cholesky factor and two triangular
+    solves, the same computation as the last step of :func:`nystrom_select`.
+    """
+    check_array("C", C, ndim=2)
+    xp = check_symmetric("C", C)
+    d = C.shape[-1]
+    ridge = check_nonnegative_scalar("ridge", ridge)
+    idx = to_numpy(indices)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise ValueError(f"indices must be a 1-D array of integers, got shape {idx.shape} and dtype {idx.dtype}")
+    host = [int(i) for i in idx]
+    if len(set(host)) != len(host) or any(i < 0 or i >= d for i in host):
+        raise ValueError(f"indices must be distinct integers in [0, {d}), got {host[:8]}...")
+    Cw = as_work(C, xp)
+    Cw = (Cw + xp.matrix_transpose(Cw)) / 2
+    Ww = None
+    if weight is not None:
+        namespace(C, weight)
+        check_array("weight", weight, ndim=2)
+        if weight.shape[-1] != d:
+            raise ValueError(f"weight must have {d} columns (one per channel), got shape {tuple(weight.shape)}")
+        check_finite("weight", weight, xp)
+        Ww = as_work(weight, xp)
+    trace = float(xp.sum(xp.linalg.diagonal(Cw)))
+    kept = xp.asarray(sorted(host), dtype=xp.int64, device=device_of(Cw))
+    return _refit(Cw, kept, ridge * trace / d, trace, Ww, xp)
+
+
+def _refit(Cw, indices, lam, trace, Ww, xp) -> NystromResult:
+    """``R``, the errors and the objective for the kept ``indices`` (ascending)."""
+    d, k = Cw.shape[-1], int(indices.shape[0])
+    dev = device_of(Cw)
     if k == 0:
         zero = xp.asarray(trace, dtype=Cw.dtype, device=dev)
         R0 = xp.zeros((d, 0), dtype=Cw.dtype, device=dev)
-        return NystromResult(indices=indices, scores=scores, reconstruction=R0, error=zero,
+        return NystromResult(indices=indices, scores=None, reconstruction=R0, error=zero,
                              objective=zero, lam=lam, weighted_error=_weighted_error(Cw, Ww, R0, indices, xp))
     C_rows = xp.take(Cw, indices, axis=0)  # C[S, :]
     K = xp.take(C_rows, indices, axis=1) + lam * xp.eye(k, dtype=Cw.dtype, device=dev)
@@ -221,7 +310,7 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
     R = xp.matrix_transpose(Rt)
     objective = xp.clip(trace - xp.sum(Y**2), min=0.0)
     error = xp.clip(objective - lam * xp.sum(R**2), min=0.0)
-    return NystromResult(indices=indices, scores=scores, reconstruction=R, error=error,
+    return NystromResult(indices=indices, scores=None, reconstruction=R, error=error,
                          objective=objective, lam=lam, weighted_error=_weighted_error(Cw, Ww, R, indices, xp))
 
 
@@ -249,15 +338,18 @@ def _ridge_inverse(Cw, lam, xp):
 
 
 def _obs_eliminate(Cw, Kinv, W, k, xp):
-    """Indices kept by greedy backward elimination (``method="obs"``), ascending int64."""
+    """Kept indices (ascending int64) and the :class:`EliminationPath` of greedy backward elimination."""
     d = Cw.shape[-1]
     dev = device_of(Cw)
     # the optimal refit with every channel kept: W C K^-1 (C K^-1 without a weight)
-    WS = (Cw if W is None else W @ Cw) @ Kinv
+    WC = Cw if W is None else W @ Cw
+    WS = WC @ Kinv
+    start = float(xp.sum(WC * (Cw if W is None else W)) - xp.sum(WS * WC))  # J with every channel
     alive = xp.ones((d,), dtype=xp.bool, device=dev)
     inf = xp.asarray(float("inf"), dtype=Cw.dtype, device=dev)
     to_remove = d - k
     block = max(1, -(-to_remove // _OBS_ROUNDS))
+    removed, counts, objective = [], [d], [max(start, 0.0)]
     while to_remove > 0:
         b = min(block, to_remove)
         diag = xp.linalg.diagonal(Kinv)
@@ -277,7 +369,14 @@ def _obs_eliminate(Cw, Kinv, W, k, xp):
         WS = WS - xp.matrix_transpose(H) @ G
         alive = alive & ~xp.any(xp.arange(d, device=dev)[None, :] == B[:, None], axis=0)
         to_remove -= b
-    return xp.astype(xp.nonzero(alive)[0], xp.int64)
+        removed.append(B)
+        counts.append(counts[-1] - b)
+        objective.append(objective[-1] + float(xp.sum(H**2)))  # the block's exact joint increase
+    order = xp.concat(removed) if removed else xp.zeros((0,), dtype=xp.int64, device=dev)
+    path = EliminationPath(removed=xp.astype(order, xp.int64),
+                           counts=xp.asarray(counts, dtype=xp.int64, device=dev),
+                           objective=xp.asarray(objective, dtype=Cw.dtype, device=dev))
+    return xp.astype(xp.nonzero(alive)[0], xp.int64), path
 
 
 # rounds of the elimination: each removes the ceil((d - k) / rounds) cheapest channels jointly

@@ -309,3 +309,55 @@ def test_psd_rtol_accepts_a_float32_accumulated_statistic():
     assert res.indices.shape == (10,)
     with pytest.raises(ValueError, match="psd_rtol"):
         lrmath.nystrom_select(C, 10, psd_rtol=-1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(HW=layer_data(), data=st.data())
+def test_obs_path_is_nested_and_its_objectives_are_the_refits(backend, HW, data):
+    """``path``: every point is a kept set whose refit has exactly the recorded objective.
+
+    For each recorded count ``c`` the kept set is everything but ``removed[: d - c]``;
+    :func:`lrmath.nystrom_refit` on it gives the weighted ridge objective
+    ``||W H - W R H[S]||^2 + lam ||W R||^2`` recorded on the path (so one elimination run
+    prices every smaller ``k``), the objectives never decrease, and the last point is
+    the returned selection.
+    """
+    H, W = HW
+    d = H.shape[0]
+    k = data.draw(st.integers(0, d))
+    ridge = data.draw(st.sampled_from([1e-3, 1e-1]))
+    C = H @ H.T
+    Cb, Wb = to_backend(C, backend), to_backend(W, backend)
+    res = lrmath.nystrom_select(Cb, k, ridge=ridge, method="obs", weight=Wb)
+    path = res.path
+    removed, counts, objective = (to_numpy(a) for a in path)
+    assert same_library(path.objective, Cb)
+    assert sorted(removed.tolist()) == sorted(set(range(d)) - set(to_numpy(res.indices).tolist()))
+    assert counts[0] == d and counts[-1] == k and np.all(np.diff(counts) < 0)
+    scale = float(np.sum((W @ H) ** 2)) + 1e-300
+    tol = tolerance(n=d * H.shape[1], kappa=1 + d / ridge) * scale
+    assert np.all(np.diff(objective) >= -tol)
+    for c, obj in zip(counts, objective):
+        kept = np.setdiff1d(np.arange(d), removed[: d - c])
+        ref = lrmath.nystrom_refit(Cb, to_backend(kept, backend), ridge=ridge, weight=Wb)
+        S, R = to_numpy(ref.indices), to_numpy(ref.reconstruction)
+        np.testing.assert_array_equal(S, kept)
+        assert abs(weighted_objective(W, H, S, W @ R, res.lam) - obj) <= tol
+    final = lrmath.nystrom_refit(Cb, res.indices, ridge=ridge, weight=Wb)
+    np.testing.assert_allclose(to_numpy(final.reconstruction), to_numpy(res.reconstruction), rtol=0, atol=1e-12)
+
+
+def test_refit_and_leverage_path_contracts():
+    H = np.random.default_rng(4).standard_normal((6, 30))
+    C = H @ H.T
+    assert lrmath.nystrom_select(C, 3).path is None  # leverage: nested by score, no path needed
+    with pytest.raises(ValueError, match="distinct"):
+        lrmath.nystrom_refit(C, np.array([1, 1]))
+    with pytest.raises(ValueError, match="distinct"):
+        lrmath.nystrom_refit(C, np.array([0, 6]))
+    with pytest.raises(ValueError, match="integers"):
+        lrmath.nystrom_refit(C, np.array([0.5]))
+    with pytest.raises(ValueError, match="6 columns"):
+        lrmath.nystrom_refit(C, np.array([0, 2]), weight=np.ones((2, 5)))
+    empty = lrmath.nystrom_refit(C, np.zeros((0,), dtype=np.int64))
+    assert empty.reconstruction.shape == (6, 0) and np.isclose(float(empty.objective), np.trace(C))
