@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,41 @@ def test_flat_output_bases_meet_budget_and_reject_bad_option(arch):
     with pytest.raises(ValueError, match="v_basis"):
         lrmath_hf.compress(tiny_model(arch), calibration(), recipe="flat", ratio=0.3, progress=False,
                            v_basis="energy")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flat_error_split_meets_budget_and_never_prices_worse_than_uniform(arch, tmp_path):
+    """``split="error"``: within every layer's budget, and FLAT's uniform pair is never priced lower."""
+    from lrmath_hf.recipes import flat as flat_mod
+
+    model = tiny_model(arch, dtype=torch.float64)
+    spec = get_spec(model)
+    batches = calibration()
+    stats = run_calibration(model, spec, batches, flat_plan(spec, qk=False, refit_o=True), progress=False)
+    w = 0.6
+    layer_stats = stats.layers[0]
+    w_o = model.model.layers[0].self_attn.o_proj.weight.detach().to(torch.float64)
+    bases = flat_mod._output_bases(spec, layer_stats.inputs["o"], w_o, spec.head_dim)
+    vo = flat_mod._value_output_losses(spec, layer_stats.inputs["o"], w_o, bases)
+    assert vo[-1] <= 1e-9 * vo[0] and torch.all(vo[1:] <= vo[:-1] * (1 + 1e-9))  # more dims, less error
+    budget = flat_mod.layer_parameters(spec, w, qk=False)
+    down = layer_stats.inputs["down"]
+    W_down = model.model.layers[0].mlp.down_proj.weight.detach()
+    path = lrmath.nystrom_select(down.gram, 1, ridge=1e-3, method="obs", weight=W_down).path
+    r, k = flat_mod._error_split(spec, budget, vo, path, down.count)
+    n, d = spec.hidden_size, spec.head_dim
+    used = (spec.num_heads + spec.num_kv_heads) * n * (d + r) + 3 * n * k
+    assert used <= budget
+    counts = path.counts.numpy()[::-1].astype(float)
+    objective = path.objective.numpy()[::-1] / down.count
+    price = lambda r_, k_: float(vo[r_]) + float(np.interp(k_, counts, objective))  # noqa: E731
+    r_u, k_u = flat_mod._ranks(spec, w)
+    assert price(r, k) <= price(r_u, k_u) * (1 + 1e-12)
+
+    report = lrmath_hf.compress(copy.deepcopy(model).float(), batches, recipe="flat", ratio=0.3, progress=False,
+                                selection="obs", refit_o=True, v_basis="output", split="error")
+    assert 0.3 - 1e-9 <= report.ratio_achieved <= 0.36, report.ratio_achieved
+    with pytest.raises(ValueError, match="split='error'"):
+        lrmath_hf.compress(tiny_model(arch), batches, recipe="flat", ratio=0.3, progress=False, split="error")
+    with pytest.raises(ValueError, match="split must"):
+        lrmath_hf.compress(tiny_model(arch), batches, recipe="flat", ratio=0.3, progress=False, split="even")

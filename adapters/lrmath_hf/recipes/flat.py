@@ -152,12 +152,65 @@ def _output_bases(spec: ArchSpec, moments, w_o: torch.Tensor, rank: int) -> torc
     return torch.stack(out)
 
 
+def _value_output_losses(spec: ArchSpec, moments, w_o: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    r"""Per-token ``o_proj`` output error of keeping ``r = 0 .. d_h`` value dims, shape ``(d_h + 1,)``.
+
+    ``bases`` (G, d_h, d_h) are nested (the first ``r`` columns are the rank-``r``
+    basis). Each head is priced with its own least-squares ``o_proj`` block,
+    ``tr(W_h C_h W_h^T) - tr(W_h C_h P (P^T C_h P)^{-1} P^T C_h W_h^T)``, i.e.
+    without the cross-head gains of the joint refit (an upper bound on it).
+    """
+    d, H = spec.head_dim, spec.num_heads
+    C = moments.second_moment().to(torch.float64).cpu()
+    W = w_o.to(torch.float64).cpu().reshape(-1, H, d).transpose(0, 1)  # (H, n, d)
+    Ch = torch.stack([C[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(H)])  # (H, d, d)
+    P_all = bases.to(torch.float64).cpu()[torch.arange(H) // spec.group_size]  # (H, d, d)
+    WC = W @ Ch
+    total = float(torch.einsum("hnd,hnd->", WC, W))
+    losses = [total]
+    for r in range(1, d + 1):
+        P = P_all[..., :r]
+        CP = Ch @ P
+        A = P.transpose(1, 2) @ CP
+        A = A + 1e-12 * A.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(r, dtype=A.dtype)
+        WCP = W @ CP
+        kept = torch.einsum("hnr,hnr->", WCP, torch.linalg.solve(A, WCP.transpose(1, 2)).transpose(1, 2))
+        losses.append(max(total - float(kept), 0.0))
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, tokens: int) -> tuple[int, int]:
+    """The (value head dim, MLP channels) within a layer's parameter budget with the least summed error.
+
+    Both errors are in the residual stream, per token: ``vo_loss[r]`` from
+    :func:`_value_output_losses`, the MLP's from the elimination path
+    (interpolated between its rounds).
+    """
+    n, d, H, G, f = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.intermediate_size
+    per_channel = (3 if spec.mlp_kind == "gated" else 2) * n
+    fixed = (H + G) * d * n  # Q/K stay dense
+    counts = lrmath._backend.to_numpy(path.counts)[::-1].astype(float)
+    objective = lrmath._backend.to_numpy(path.objective)[::-1] / tokens
+    best = None
+    for r in range(1, d + 1):
+        k = min(f, (budget - fixed - (G + H) * n * r) // per_channel)
+        if k < max(1, counts[0]):
+            continue
+        err = float(vo_loss[r]) + float(np.interp(k, counts, objective))
+        if best is None or err < best[0]:
+            best = (err, r, int(k))
+    if best is None:
+        raise ValueError(f"no (head dim, channels) split fits the layer budget of {budget} parameters")
+    return best[1], best[2]
+
+
 def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridge: float,
-                 selection: str = "leverage") -> None:
+                 selection: str = "leverage", sel=None) -> None:
     down = get_linear(model, layer, "down", spec)
-    weight = weight64(down).cpu() if selection == "obs" else None
-    sel = lrmath.nystrom_select(moments.gram, channels, ridge=ridge, method=selection, weight=weight,
-                                psd_rtol=gram_psd_rtol(moments.gram.shape[-1]))
+    if sel is None:
+        weight = weight64(down).cpu() if selection == "obs" else None
+        sel = lrmath.nystrom_select(moments.gram, channels, ridge=ridge, method=selection, weight=weight,
+                                    psd_rtol=gram_psd_rtol(moments.gram.shape[-1]))
     keep = torch.as_tensor(lrmath._backend.to_numpy(sel.indices), dtype=torch.long)
     roles = ("gate", "up") if spec.mlp_kind == "gated" else ("up",)
     for role in roles:
@@ -179,12 +232,41 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
     set_linear(model, layer, "down", new_down, spec)
 
 
+def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, w: float, ridge: float, v_basis: str):
+    """``split="error"``: one layer's head dim and channels under its IPRS budget, and the MLP selection."""
+    budget = layer_parameters(spec, w, qk=False)
+    n, d, H, G = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    per_channel = (3 if spec.mlp_kind == "gated" else 2) * n
+    k_min = max(1, min(spec.intermediate_size, (budget - 2 * (H + G) * d * n) // per_channel))
+    w_o = weight64(get_linear(model, layer, "o", spec)).cpu()
+    if v_basis == "output":
+        bases = _output_bases(spec, layer_stats.inputs["o"], w_o, d)
+    else:
+        bases = torch.as_tensor(lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), d).basis)
+    vo_loss = _value_output_losses(spec, layer_stats.inputs["o"], w_o, bases)
+    down_stats = layer_stats.inputs["down"]
+    weight = weight64(get_linear(model, layer, "down", spec)).cpu()
+    # one elimination down to the smallest count any split can use prices every count above it
+    path = lrmath.nystrom_select(down_stats.gram, k_min, ridge=ridge, method="obs", weight=weight,
+                                 psd_rtol=gram_psd_rtol(down_stats.gram.shape[-1])).path
+    head_rank, channels = _error_split(spec, budget, vo_loss, path, down_stats.count)
+    removed = lrmath._backend.to_numpy(path.removed)[: spec.intermediate_size - channels]
+    kept = np.setdiff1d(np.arange(spec.intermediate_size), removed)
+    sel = lrmath.nystrom_refit(down_stats.gram, torch.as_tensor(kept), ridge=ridge, weight=weight)
+    return head_rank, channels, sel
+
+
 def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None, selection="leverage",
-         refit_o=False, v_basis="pca") -> RecipeResult:
+         refit_o=False, v_basis="pca", split="uniform") -> RecipeResult:
     if selection not in ("leverage", "obs"):
         raise ValueError(f"selection must be 'leverage' or 'obs', got {selection!r}")
     if v_basis not in ("pca", "output"):
         raise ValueError(f"v_basis must be 'pca' or 'output', got {v_basis!r}")
+    if split not in ("uniform", "error"):
+        raise ValueError(f"split must be 'uniform' or 'error', got {split!r}")
+    if split == "error" and (qk or selection != "obs" or not refit_o):
+        raise ValueError("split='error' prices the MLP by the obs elimination path and V/O by the "
+                         "least-squares o_proj: it needs selection='obs', refit_o=True and qk=False")
     needs_o = refit_o or v_basis == "output"
     result = RecipeResult()
     if stats is None:
@@ -213,6 +295,10 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
     with timer(result.timings, "surgery"):
         for layer, layer_stats in enumerate(stats.layers):
             head_rank, channels = _ranks(spec, float(w[layer]))
+            sel = None
+            if split == "error":
+                head_rank, channels, sel = _split_layer(model, spec, layer, layer_stats, float(w[layer]),
+                                                         ridge, v_basis)
             if head_rank < spec.head_dim:
                 pca = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank)
                 bases = pca.basis
@@ -229,19 +315,19 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
                 for role in ("q", "k"):
                     _fold_qk(model, spec, layer, role, layer_stats.head_outputs[role], head_rank)
             if channels < spec.intermediate_size:
-                _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge, selection)
+                _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge, selection, sel)
             result.ranks[str(layer)] = {"kept_fraction": float(w[layer]), "head_rank": head_rank,
                                         "mlp_channels": channels}
     result.details = {"importance": importance.tolist(), "kept_fraction": [float(x) for x in w],
                       "qk": qk, "ridge": ridge, "accounting": "paper" if paper else "exact",
-                      "selection": selection, "refit_o": refit_o, "v_basis": v_basis}
+                      "selection": selection, "refit_o": refit_o, "v_basis": v_basis, "split": split}
     return result
 
 
 @register("flat")
 def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True, qk: bool = False,
              ridge: float = 1e-3, selection: str = "leverage", refit_o: bool = False,
-             v_basis: str = "pca", stats=None) -> RecipeResult:
+             v_basis: str = "pca", split: str = "uniform", stats=None) -> RecipeResult:
     """FLAT-LLM with exact parameter accounting and a relative Nystrom ridge.
 
     Parameters
@@ -261,6 +347,13 @@ def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
         Value subspaces by head-wise PCA of the value outputs (FLAT) or by
         ``o_proj``'s output error under the attention-mixed inputs
         (:func:`_output_bases`; needs the ``o_proj`` input statistic).
+    split : {"uniform", "error"}
+        How a layer's IPRS budget is shared between V/O and the MLP: FLAT's
+        one kept fraction for both, or the (head dim, channels) pair within
+        the same parameters with the least summed residual-stream error
+        (V/O priced per head with least-squares ``o_proj`` blocks, the MLP by
+        the elimination path of :func:`lrmath.nystrom_select`; FLAT's pair is
+        one of the candidates). Needs ``selection="obs"``, ``refit_o=True``.
 
     Notes
     -----
@@ -268,7 +361,7 @@ def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     dropped eigenvalues), Algorithm 1 (IPRS), appendix C (Nystrom MLP).
     """
     return _run(model, spec, batches, ratio=ratio, progress=progress, qk=qk, paper=False, ridge=ridge,
-                stats=stats, selection=selection, refit_o=refit_o, v_basis=v_basis)
+                stats=stats, selection=selection, refit_o=refit_o, v_basis=v_basis, split=split)
 
 
 @register("flat-paper")
