@@ -1,14 +1,21 @@
 """``global`` and ``auto``.
 
 ``auto`` is the recipe that measured best on the real SmolLM2-135M: today that
-is ``flat`` (IPRS layer ranks from angular importance, head-wise V/O PCA,
-Nystrom MLP with a relative ridge, exact parameter accounting) with two
-output-aware refinements, ``selection="obs"`` (MLP channels eliminated by
-their exact effect on the down projection's output) and ``refit_o=True``
-(least-squares ``o_proj`` on the kept value subspaces). Measured on the
-20-window protocol (dense 13.26): 19.99 at 20 % and 37.94 at 40 %, against
-22.30 / 50.79 with ``selection="obs"`` alone and 23.68 / 55.98 for plain
-``flat``; see docs/results.md for the runs behind the choice.
+is ``flat`` (IPRS layer budgets from angular importance, head-wise V/O folded
+into ``W_v`` / ``W_o``, Nystrom MLP with a relative ridge, exact parameter
+accounting) with four output-aware refinements:
+
+* ``selection="obs"``: MLP channels eliminated by their exact effect on the
+  down projection's output;
+* ``refit_o=True``: least-squares ``o_proj`` on the kept value subspaces;
+* ``v_basis="output"``: the value subspaces chosen for ``o_proj``'s output
+  under the attention-mixed values, not for the value energy;
+* ``split="error"``: each layer's budget shared between V/O and the MLP by
+  their summed residual-stream error.
+
+Measured on the 20-window protocol (dense 13.26), 20 % / 40 %: plain ``flat``
+23.68 / 55.98; + obs 22.30 / 50.79; + refit_o 19.99 / 37.94; + output bases
+19.90 / 37.01; + error split 19.46 / 34.28. See docs/results.md for the runs.
 
 ``global``: structure-preserving compression with one global, output-error-driven allocation.
 
@@ -144,8 +151,9 @@ def run_global(model, spec: ArchSpec, batches, *, ratio: float, progress: bool =
 
 @register("auto")
 def run_auto(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True, **options) -> RecipeResult:
-    """The measured-best recipe: ``flat`` with ``selection="obs"``, ``refit_o=True``; ``options`` override."""
-    options = {"selection": "obs", "refit_o": True, **options}
+    """The measured-best recipe: ``flat`` with ``selection="obs"``, ``refit_o=True``, ``v_basis="output"``,
+    ``split="error"``; ``options`` override."""
+    options = {"selection": "obs", "refit_o": True, "v_basis": "output", "split": "error", **options}
     result = run_flat(model, spec, batches, ratio=ratio, progress=progress, **options)
     result.details["auto"] = {"recipe": "flat", **{k: v for k, v in options.items() if k != "stats"}}
     return result
