@@ -184,12 +184,18 @@ class Moments:
             )
         if self._state is not None:
             xp = namespace(self._state[0], x)  # TypeError on mixed libraries
-        check_finite("x", x, xp)
         self._allocate(xp, x)
         n = int(x.shape[-2])
         if n == 0:
             return self
-        part = tuple(self._to_home(a) for a in _centred_sums(as_work(x, xp), xp, gram_dtype))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: the error below says so
+            part = _centred_sums(as_work(x, xp), xp, gram_dtype)
+        # a NaN or Inf in x makes the mean (and M4) non-finite: checking the small sums instead of
+        # every entry of x saves a full pass over the batch (a tenth of the statistics' cost)
+        if not (bool(xp.all(xp.isfinite(part[0]))) and bool(xp.all(xp.isfinite(part[3])))):
+            check_finite("x", x, xp)  # names NaN / Inf in x precisely
+            raise ValueError("x overflows the float64 power sums (sum of |x - mean|^4 is not finite)")
+        part = tuple(self._to_home(a) for a in part)
         self._absorb(n, part, xp)
         return self
 

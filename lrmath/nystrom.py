@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._backend import as_work, cholesky_or_none, device_of, namespace, solve_triangular, to_numpy
+from ._backend import (as_work, cholesky_or_none, device_of, is_torch, namespace, solve_triangular, sub_matmul_,
+                       to_numpy)
 from ._validation import check_array, check_finite, check_nonnegative_scalar, check_rank, check_symmetric, dtype_eps
 
-__all__ = ["EliminationPath", "NystromResult", "nystrom_refit", "nystrom_select"]
+__all__ = ["EliminationPath", "NystromResult", "nystrom_refit", "nystrom_select", "obs_path"]
 
 
 class EliminationPath(NamedTuple):
@@ -180,39 +181,10 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
     >>> bool(np.isclose(err, res.error))
     True
     """
-    check_array("C", C, ndim=2)
-    xp = check_symmetric("C", C)
-    d = C.shape[-1]
-    k = check_rank("k", k, d)
-    ridge = check_nonnegative_scalar("ridge", ridge)
     if method not in ("leverage", "obs"):
         raise ValueError(f"method must be 'leverage' or 'obs', got {method!r}")
-    if method == "obs" and ridge == 0:
-        raise ValueError("method='obs' needs ridge > 0 (its downdates use (C + lam I)^-1)")
-    if weight is not None:
-        namespace(C, weight)  # one array library
-        check_array("weight", weight, ndim=2)
-        if weight.shape[-1] != d:
-            raise ValueError(f"weight must have {d} columns (one per channel), got shape {tuple(weight.shape)}")
-        check_finite("weight", weight, xp)
-    Cw = as_work(C, xp)
-    Cw = (Cw + xp.matrix_transpose(Cw)) / 2
-    dev = device_of(Cw)
-
-    # "obs" needs K^-1, not the eigenvectors: eigenvalues alone (for the PSD check) cost a fraction
-    mu, U = (xp.linalg.eigvalsh(Cw), None) if method == "obs" else xp.linalg.eigh(Cw)
-    mu_max = max(float(xp.max(xp.abs(mu))), 0.0)
-    if psd_rtol is None:
-        psd_rtol = 10.0 * d * dtype_eps(Cw.dtype)
-    rounding = check_nonnegative_scalar("psd_rtol", psd_rtol) * mu_max
-    if float(mu[0]) < -rounding:
-        raise ValueError(f"C is not positive semidefinite: eigenvalue {float(mu[0]):.3g} "
-                         f"below -{rounding:.3g} (rounding level)")
-    trace = float(xp.sum(xp.linalg.diagonal(Cw)))
-    lam = ridge * trace / d
-    mu = xp.clip(mu, min=0.0)
-    Ww = None if weight is None else as_work(weight, xp)
-
+    xp, Cw, k, lam, trace, mu, U, rounding, Ww = _prepare(C, k, ridge, weight, psd_rtol,
+                                                          vectors=method != "obs", obs=method == "obs")
     path = None
     if method == "obs":
         Kinv = _ridge_inverse(Cw, lam, xp)
@@ -227,6 +199,69 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
         order = xp.argsort(-scores, stable=True)  # descending, ties to the lower index
         indices = xp.sort(order[:k])
     return _refit(Cw, indices, lam, trace, Ww, xp)._replace(scores=scores, path=path)
+
+
+def obs_path(C, k: int, *, ridge: float = 1e-2, weight=None, psd_rtol: float | None = None) -> EliminationPath:
+    r"""Only the output-aware elimination of :func:`nystrom_select` (``method="obs"``), down to ``k`` channels.
+
+    Parameters
+    ----------
+    C, k, ridge, weight, psd_rtol
+        As :func:`nystrom_select` (``ridge > 0``).
+
+    Returns
+    -------
+    EliminationPath
+        The order of removal and the exact objective after every round;
+        :func:`nystrom_refit` gives the map for any point of it.
+
+    Raises
+    ------
+    ValueError
+        As :func:`nystrom_select` with ``method="obs"``.
+
+    Notes
+    -----
+    The same computation as ``nystrom_select(C, k, method="obs").path``
+    without the final refit at ``k``: a caller that prices several channel
+    counts before choosing one (the ``flat`` recipe's ``split="error"``)
+    refits once, at the count it chooses.
+    """
+    xp, Cw, k, lam, _, _, _, _, Ww = _prepare(C, k, ridge, weight, psd_rtol, vectors=False, obs=True)
+    return _obs_eliminate(Cw, _ridge_inverse(Cw, lam, xp), Ww, k, xp)[1]
+
+
+def _prepare(C, k, ridge, weight, psd_rtol, *, vectors: bool, obs: bool):
+    """Checked inputs and the spectrum of ``C`` (eigenvectors only when ``vectors``)."""
+    check_array("C", C, ndim=2)
+    xp = check_symmetric("C", C)
+    d = C.shape[-1]
+    k = check_rank("k", k, d)
+    ridge = check_nonnegative_scalar("ridge", ridge)
+    if obs and ridge == 0:
+        raise ValueError("method='obs' needs ridge > 0 (its downdates use (C + lam I)^-1)")
+    if weight is not None:
+        namespace(C, weight)  # one array library
+        check_array("weight", weight, ndim=2)
+        if weight.shape[-1] != d:
+            raise ValueError(f"weight must have {d} columns (one per channel), got shape {tuple(weight.shape)}")
+        check_finite("weight", weight, xp)
+    Cw = as_work(C, xp)
+    Cw = (Cw + xp.matrix_transpose(Cw)) / 2
+    # "obs" needs K^-1, not the eigenvectors: eigenvalues alone (for the PSD check) cost a fraction
+    mu, U = xp.linalg.eigh(Cw) if vectors else (xp.linalg.eigvalsh(Cw), None)
+    mu_max = max(float(xp.max(xp.abs(mu))), 0.0)
+    if psd_rtol is None:
+        psd_rtol = 10.0 * d * dtype_eps(Cw.dtype)
+    rounding = check_nonnegative_scalar("psd_rtol", psd_rtol) * mu_max
+    if float(mu[0]) < -rounding:
+        raise ValueError(f"C is not positive semidefinite: eigenvalue {float(mu[0]):.3g} "
+                         f"below -{rounding:.3g} (rounding level)")
+    trace = float(xp.sum(xp.linalg.diagonal(Cw)))
+    lam = ridge * trace / d
+    mu = xp.clip(mu, min=0.0)
+    Ww = None if weight is None else as_work(weight, xp)
+    return xp, Cw, k, lam, trace, mu, U, rounding, Ww
 
 
 def nystrom_refit(C, indices, *, ridge: float = 1e-2, weight=None) -> NystromResult:
@@ -333,6 +368,10 @@ def _ridge_inverse(Cw, lam, xp):
     L = cholesky_or_none(Cw + lam * eye, xp)
     if L is None:  # only when lam is below the rounding of C's smallest eigenvalues
         raise ValueError(f"C + lam I is numerically indefinite (lam = {lam:.3g}); use a larger ridge")
+    if is_torch(xp):
+        import torch
+
+        return torch.cholesky_inverse(L)  # LAPACK potri: half the work of two triangular solves
     Linv = solve_triangular(L, eye, lower=True, xp=xp)
     return xp.matrix_transpose(Linv) @ Linv
 
@@ -365,8 +404,8 @@ def _obs_eliminate(Cw, Kinv, W, k, xp):
             L = xp.sqrt(xp.take(rows, B, axis=1))
         G = solve_triangular(L, rows, lower=True, xp=xp)  # L^-1 Kinv[B, :]
         H = solve_triangular(L, xp.matrix_transpose(xp.take(WS, B, axis=1)), lower=True, xp=xp)
-        Kinv = Kinv - xp.matrix_transpose(G) @ G
-        WS = WS - xp.matrix_transpose(H) @ G
+        sub_matmul_(Kinv, xp.matrix_transpose(G), G, xp)  # in place: both are this function's own arrays
+        sub_matmul_(WS, xp.matrix_transpose(H), G, xp)
         alive = alive & ~xp.any(xp.arange(d, device=dev)[None, :] == B[:, None], axis=0)
         to_remove -= b
         removed.append(B)

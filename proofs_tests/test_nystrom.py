@@ -361,3 +361,17 @@ def test_refit_and_leverage_path_contracts():
         lrmath.nystrom_refit(C, np.array([0, 2]), weight=np.ones((2, 5)))
     empty = lrmath.nystrom_refit(C, np.zeros((0,), dtype=np.int64))
     assert empty.reconstruction.shape == (6, 0) and np.isclose(float(empty.objective), np.trace(C))
+
+
+@given(HW=layer_data(), data=st.data())
+def test_obs_path_alone_equals_the_selections_path(HW, data):
+    H, W = HW
+    d = H.shape[0]
+    k = data.draw(st.integers(0, d))
+    C = H @ H.T
+    full = lrmath.nystrom_select(C, k, ridge=1e-2, method="obs", weight=W).path
+    alone = lrmath.obs_path(C, k, ridge=1e-2, weight=W)
+    for a, b in zip(full, alone):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    with pytest.raises(ValueError, match="ridge > 0"):
+        lrmath.obs_path(C, k, ridge=0.0)

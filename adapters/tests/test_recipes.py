@@ -232,6 +232,12 @@ def test_flat_error_split_meets_budget_and_never_prices_worse_than_uniform(arch,
     bases = flat_mod._output_bases(spec, layer_stats.inputs["o"], w_o, spec.head_dim)
     vo = flat_mod._value_output_losses(spec, layer_stats.inputs["o"], w_o, bases)
     assert vo[-1] <= 1e-9 * vo[0] and torch.all(vo[1:] <= vo[:-1] * (1 + 1e-9))  # more dims, less error
+    C = layer_stats.inputs["o"].second_moment().to(torch.float64)
+    d = spec.head_dim
+    for r in (1, d // 2, d - 1):  # the one-factorisation pricing equals a direct solve per head and rank
+        direct = sum(_o_loss(w_o[:, h * d:(h + 1) * d], C[h * d:(h + 1) * d, h * d:(h + 1) * d],
+                             bases[h // spec.group_size][:, :r]) for h in range(spec.num_heads))
+        assert abs(float(vo[r]) - direct) <= 1e-8 * float(vo[0])
     budget = flat_mod.layer_parameters(spec, w, qk=False)
     down = layer_stats.inputs["down"]
     W_down = model.model.layers[0].mlp.down_proj.weight.detach()

@@ -164,19 +164,17 @@ def _value_output_losses(spec: ArchSpec, moments, w_o: torch.Tensor, bases: torc
     C = moments.second_moment().to(torch.float64).cpu()
     W = w_o.to(torch.float64).cpu().reshape(-1, H, d).transpose(0, 1)  # (H, n, d)
     Ch = torch.stack([C[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(H)])  # (H, d, d)
-    P_all = bases.to(torch.float64).cpu()[torch.arange(H) // spec.group_size]  # (H, d, d)
-    WC = W @ Ch
-    total = float(torch.einsum("hnd,hnd->", WC, W))
-    losses = [total]
-    for r in range(1, d + 1):
-        P = P_all[..., :r]
-        CP = Ch @ P
-        A = P.transpose(1, 2) @ CP
-        A = A + 1e-12 * A.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(r, dtype=A.dtype)
-        WCP = W @ CP
-        kept = torch.einsum("hnr,hnr->", WCP, torch.linalg.solve(A, WCP.transpose(1, 2)).transpose(1, 2))
-        losses.append(max(total - float(kept), 0.0))
-    return torch.tensor(losses, dtype=torch.float64)
+    Q = bases.to(torch.float64).cpu()[torch.arange(H) // spec.group_size]  # (H, d, d)
+    total = float(torch.einsum("hnd,hnd->", W @ Ch, W))
+    # nested bases: with Q^T C Q = L L^T, the rank-r kept energy tr(B_r A_r^-1 B_r^T) (B = W C Q,
+    # A_r the leading block) is the energy of the first r rows of L^-1 B^T, so one factorisation
+    # per head prices every r
+    A = Q.transpose(1, 2) @ Ch @ Q
+    A = A + 1e-12 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)[:, None, None] * torch.eye(d, dtype=A.dtype)
+    L = torch.linalg.cholesky(A)
+    Z = torch.linalg.solve_triangular(L, (W @ Ch @ Q).transpose(1, 2), upper=False)  # (H, d, n)
+    kept = torch.cumsum((Z**2).sum(dim=(0, 2)), 0)
+    return torch.cat([torch.tensor([total], dtype=torch.float64), (total - kept).clamp_min(0.0)])
 
 
 def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, tokens: int) -> tuple[int, int]:
@@ -247,8 +245,8 @@ def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, w: float, ridge
     down_stats = layer_stats.inputs["down"]
     weight = weight64(get_linear(model, layer, "down", spec)).cpu()
     # one elimination down to the smallest count any split can use prices every count above it
-    path = lrmath.nystrom_select(down_stats.gram, k_min, ridge=ridge, method="obs", weight=weight,
-                                 psd_rtol=gram_psd_rtol(down_stats.gram.shape[-1])).path
+    path = lrmath.obs_path(down_stats.gram, k_min, ridge=ridge, weight=weight,
+                           psd_rtol=gram_psd_rtol(down_stats.gram.shape[-1]))
     head_rank, channels = _error_split(spec, budget, vo_loss, path, down_stats.count)
     removed = lrmath._backend.to_numpy(path.removed)[: spec.intermediate_size - channels]
     kept = np.setdiff1d(np.arange(spec.intermediate_size), removed)
