@@ -71,12 +71,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="results file, rewritten after every row")
     ap.add_argument("--timing-only", action="store_true",
                     help="measure only the side-by-side timing of --timing-recipe (no perplexities)")
+    ap.add_argument("--render", nargs="+", metavar="JSON", default=None,
+                    help="merge these runs' JSON files (same protocol) into one table in --out; measures nothing")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in --json and measure only the missing ones")
     args = ap.parse_args(argv)
+    if args.render:
+        return render_files(args.render, args.out)
     if args.resume and not args.json:
         ap.error("--resume needs --json")
-    previous = []
+    previous, old = [], None
     if args.resume and Path(args.json).exists():
         old = json.loads(Path(args.json).read_text())
         if (old["eval_windows"], old["calib_windows"]) != (args.eval_windows, args.calib_windows):
@@ -91,13 +95,13 @@ def main(argv=None) -> int:
     rows = list(previous)
     done = {(r["recipe"], r["ratio"]) for r in rows}
     # the protocol is deterministic, so a resumed run keeps the dense number it already measured
-    if previous or args.timing_only:
-        dense_ppl = old["dense_perplexity"] if previous else float("nan")
+    if old is not None or args.timing_only:
+        dense_ppl = old["dense_perplexity"] if old is not None else float("nan")
     else:
         dense_ppl = perplexity(model, evals, progress=False)
     print(f"dense perplexity {dense_ppl:.3f}", flush=True)
 
-    timing = old.get("timing") if previous else None
+    timing = old.get("timing") if old is not None else None
     if args.timing_recipe:
         t_dense = dense_forward_seconds(model, calib)
         trial = copy.deepcopy(model)
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
     stats = run_calibration(model, spec, [w[None] for w in calib], union_plan(spec), progress=False)
     print(f"union calibration {time.perf_counter() - start:.1f} s", flush=True)
     before = linear_parameters(model, spec)
-    commands = list(dict.fromkeys([*(old.get("commands", [old["command"]]) if previous else []),
+    commands = list(dict.fromkeys([*(old.get("commands", [old["command"]]) if old is not None else []),
                                    " ".join(sys.argv)]))
 
     def write() -> None:
@@ -146,6 +150,23 @@ def main(argv=None) -> int:
             del trial
             write()
     write()
+    return 0
+
+
+def render_files(files: list[str], out: str | None) -> int:
+    """One table from several runs of the same protocol (e.g. recipes measured in parallel processes)."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    protocol = {(r["calib_windows"], r["eval_windows"], round(r["dense_perplexity"], 6)) for r in runs}
+    if len(protocol) != 1:
+        raise SystemExit(f"runs differ in protocol (calibration, evaluation windows, dense): {sorted(protocol)}")
+    merged = dict(runs[0])
+    merged["rows"] = [row for r in runs for row in r["rows"]]
+    merged["commands"] = [c for r in runs for c in r.get("commands", [r["command"]])]
+    merged["timing"] = next((r["timing"] for r in runs if r.get("timing")), None)
+    text = render(merged)
+    if out:
+        Path(out).write_text(text)
+    print(text)
     return 0
 
 
