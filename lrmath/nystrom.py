@@ -240,12 +240,7 @@ def _prepare(C, k, ridge, weight, psd_rtol, *, vectors: bool, obs: bool):
     ridge = check_nonnegative_scalar("ridge", ridge)
     if obs and ridge == 0:
         raise ValueError("method='obs' needs ridge > 0 (its downdates use (C + lam I)^-1)")
-    if weight is not None:
-        namespace(C, weight)  # one array library
-        check_array("weight", weight, ndim=2)
-        if weight.shape[-1] != d:
-            raise ValueError(f"weight must have {d} columns (one per channel), got shape {tuple(weight.shape)}")
-        check_finite("weight", weight, xp)
+    Ww = _checked_weight(C, weight, xp)
     Cw = as_work(C, xp)
     Cw = (Cw + xp.matrix_transpose(Cw)) / 2
     # "obs" needs K^-1, not the eigenvectors: eigenvalues alone (for the PSD check) cost a fraction
@@ -260,8 +255,20 @@ def _prepare(C, k, ridge, weight, psd_rtol, *, vectors: bool, obs: bool):
     trace = float(xp.sum(xp.linalg.diagonal(Cw)))
     lam = ridge * trace / d
     mu = xp.clip(mu, min=0.0)
-    Ww = None if weight is None else as_work(weight, xp)
     return xp, Cw, k, lam, trace, mu, U, rounding, Ww
+
+
+def _checked_weight(C, weight, xp):
+    """``weight`` (m, d) checked against ``C`` and cast to the working dtype, or ``None``."""
+    if weight is None:
+        return None
+    d = C.shape[-1]
+    namespace(C, weight)  # one array library
+    check_array("weight", weight, ndim=2)
+    if weight.shape[-1] != d:
+        raise ValueError(f"weight must have {d} columns (one per channel), got shape {tuple(weight.shape)}")
+    check_finite("weight", weight, xp)
+    return as_work(weight, xp)
 
 
 def nystrom_refit(C, indices, *, ridge: float = 1e-2, weight=None) -> NystromResult:
@@ -305,16 +312,9 @@ def nystrom_refit(C, indices, *, ridge: float = 1e-2, weight=None) -> NystromRes
     host = [int(i) for i in idx]
     if len(set(host)) != len(host) or any(i < 0 or i >= d for i in host):
         raise ValueError(f"indices must be distinct integers in [0, {d}), got {host[:8]}...")
+    Ww = _checked_weight(C, weight, xp)
     Cw = as_work(C, xp)
     Cw = (Cw + xp.matrix_transpose(Cw)) / 2
-    Ww = None
-    if weight is not None:
-        namespace(C, weight)
-        check_array("weight", weight, ndim=2)
-        if weight.shape[-1] != d:
-            raise ValueError(f"weight must have {d} columns (one per channel), got shape {tuple(weight.shape)}")
-        check_finite("weight", weight, xp)
-        Ww = as_work(weight, xp)
     trace = float(xp.sum(xp.linalg.diagonal(Cw)))
     kept = xp.asarray(sorted(host), dtype=xp.int64, device=device_of(Cw))
     return _refit(Cw, kept, ridge * trace / d, trace, Ww, xp)

@@ -187,7 +187,7 @@ def test_output_bases_are_the_optimal_value_subspace_for_one_head(seed):
     z = torch.randn(500, heads * d, generator=g, dtype=torch.float64) @ mix
     C = z.T @ z
     W = torch.randn(n, heads * d, generator=g, dtype=torch.float64)
-    spec = SimpleNamespace(head_dim=d, group_size=1, num_kv_heads=heads)
+    spec = SimpleNamespace(head_dim=d, group_size=1, num_kv_heads=heads, num_heads=heads)
     moments = SimpleNamespace(second_moment=lambda: C)
     bases = _output_bases(spec, moments, W, r)
     assert bases.shape == (heads, d, r)

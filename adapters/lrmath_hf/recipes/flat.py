@@ -127,6 +127,19 @@ def _refit_o(model, spec: ArchSpec, layer: int, moments, w_o: torch.Tensor, base
         o_proj.weight.copy_(W.to(device=o_proj.weight.device, dtype=o_proj.weight.dtype))
 
 
+def _o_head_blocks(spec: ArchSpec, moments) -> torch.Tensor:
+    """The per-query-head diagonal blocks ``C_h`` (H, d_h, d_h) of the ``o_proj`` input second moment."""
+    d = spec.head_dim
+    C = moments.second_moment().to(torch.float64).cpu()
+    return torch.stack([C[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(spec.num_heads)])
+
+
+def _split_costs(spec: ArchSpec) -> tuple[int, int, int]:
+    """Parameters of one layer under ``split="error"``: Q/K (dense), per value head dim, per MLP channel."""
+    n, d, H, G = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    return (H + G) * d * n, (H + G) * n, (3 if spec.mlp_kind == "gated" else 2) * n
+
+
 def _output_bases(spec: ArchSpec, moments, w_o: torch.Tensor, rank: int) -> torch.Tensor:
     r"""Per-KV-head value bases chosen for ``o_proj``'s output, not the value energy.
 
@@ -140,13 +153,13 @@ def _output_bases(spec: ArchSpec, moments, w_o: torch.Tensor, rank: int) -> torc
     per group or equal ``C_h``). Returns orthonormal ``(G, d_h, r)`` float64.
     """
     d, gs = spec.head_dim, spec.group_size
-    C = moments.second_moment().to(torch.float64).cpu()
+    blocks = _o_head_blocks(spec, moments)
     W = w_o.to(torch.float64).cpu()
     out = []
     for g in range(spec.num_kv_heads):
         heads = range(g * gs, (g + 1) * gs)
         stacked = torch.cat([W[:, h * d:(h + 1) * d] for h in heads], dim=0)
-        pooled = sum(C[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in heads)
+        pooled = blocks[g * gs:(g + 1) * gs].sum(dim=0)
         right = lrmath.whitened_svd(stacked, pooled, rank).right  # (r, d_h): the kept code P^T z
         out.append(torch.linalg.qr(right.T).Q)
     return torch.stack(out)
@@ -161,9 +174,8 @@ def _value_output_losses(spec: ArchSpec, moments, w_o: torch.Tensor, bases: torc
     without the cross-head gains of the joint refit (an upper bound on it).
     """
     d, H = spec.head_dim, spec.num_heads
-    C = moments.second_moment().to(torch.float64).cpu()
     W = w_o.to(torch.float64).cpu().reshape(-1, H, d).transpose(0, 1)  # (H, n, d)
-    Ch = torch.stack([C[h * d:(h + 1) * d, h * d:(h + 1) * d] for h in range(H)])  # (H, d, d)
+    Ch = _o_head_blocks(spec, moments)
     Q = bases.to(torch.float64).cpu()[torch.arange(H) // spec.group_size]  # (H, d, d)
     total = float(torch.einsum("hnd,hnd->", W @ Ch, W))
     # nested bases: with Q^T C Q = L L^T, the rank-r kept energy tr(B_r A_r^-1 B_r^T) (B = W C Q,
@@ -184,14 +196,13 @@ def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, token
     :func:`_value_output_losses`, the MLP's from the elimination path
     (interpolated between its rounds).
     """
-    n, d, H, G, f = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.intermediate_size
-    per_channel = (3 if spec.mlp_kind == "gated" else 2) * n
-    fixed = (H + G) * d * n  # Q/K stay dense
+    d, f = spec.head_dim, spec.intermediate_size
+    fixed, per_rank, per_channel = _split_costs(spec)
     counts = lrmath._backend.to_numpy(path.counts)[::-1].astype(float)
     objective = lrmath._backend.to_numpy(path.objective)[::-1] / tokens
     best = None
     for r in range(1, d + 1):
-        k = min(f, (budget - fixed - (G + H) * n * r) // per_channel)
+        k = min(f, (budget - fixed - per_rank * r) // per_channel)
         if k < max(1, counts[0]):
             continue
         err = float(vo_loss[r]) + float(np.interp(k, counts, objective))
@@ -231,11 +242,12 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
 
 
 def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, w: float, ridge: float, v_basis: str):
-    """``split="error"``: one layer's head dim and channels under its IPRS budget, and the MLP selection."""
+    """``split="error"``: one layer's head dim and channels under its IPRS budget, the MLP selection,
+    and the nested value bases (G, d_h, d_h) it priced (their first ``r`` columns are the rank-``r`` bases)."""
     budget = layer_parameters(spec, w, qk=False)
-    n, d, H, G = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
-    per_channel = (3 if spec.mlp_kind == "gated" else 2) * n
-    k_min = max(1, min(spec.intermediate_size, (budget - 2 * (H + G) * d * n) // per_channel))
+    d = spec.head_dim
+    fixed, per_rank, per_channel = _split_costs(spec)
+    k_min = max(1, min(spec.intermediate_size, (budget - fixed - per_rank * d) // per_channel))
     w_o = weight64(get_linear(model, layer, "o", spec)).cpu()
     if v_basis == "output":
         bases = _output_bases(spec, layer_stats.inputs["o"], w_o, d)
@@ -251,7 +263,7 @@ def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, w: float, ridge
     removed = lrmath._backend.to_numpy(path.removed)[: spec.intermediate_size - channels]
     kept = np.setdiff1d(np.arange(spec.intermediate_size), removed)
     sel = lrmath.nystrom_refit(down_stats.gram, torch.as_tensor(kept), ridge=ridge, weight=weight)
-    return head_rank, channels, sel
+    return head_rank, channels, sel, bases
 
 
 def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None, selection="leverage",
@@ -293,17 +305,19 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
     with timer(result.timings, "surgery"):
         for layer, layer_stats in enumerate(stats.layers):
             head_rank, channels = _ranks(spec, float(w[layer]))
-            sel = None
+            sel = priced = None
             if split == "error":
-                head_rank, channels, sel = _split_layer(model, spec, layer, layer_stats, float(w[layer]),
-                                                         ridge, v_basis)
+                head_rank, channels, sel, priced = _split_layer(model, spec, layer, layer_stats, float(w[layer]),
+                                                                 ridge, v_basis)
             if head_rank < spec.head_dim:
                 pca = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank)
                 bases = pca.basis
                 # for the plots: the value spectrum summed over KV heads, with the kept head dim
                 result.spectra[f"{layer}.v"] = (lrmath._backend.to_numpy(pca.eigenvalues).sum(axis=0), head_rank)
                 w_o = weight64(get_linear(model, layer, "o", spec))
-                if v_basis == "output":
+                if priced is not None:  # the split already computed the nested bases
+                    bases = priced[..., :head_rank].to(device=w_o.device)
+                elif v_basis == "output":
                     bases = _output_bases(spec, layer_stats.inputs["o"], w_o, head_rank).to(
                         device=w_o.device)
                 fold_value_output(get_attention(model, layer, spec), spec, bases)
