@@ -166,8 +166,9 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
     channels at once, with their joint downdate applied exactly (one channel
     per round whenever ``d - k <= 64``). ``K^{-1}`` is formed
     once from a Cholesky factor of ``K`` (relative damping keeps it bounded by
-    ``1 / lam``; only the eigenvalues of ``C`` are computed, for the PSD
-    check), the scores are ``diag(C K^{-1})`` from it, and the final refit
+    ``1 / lam``; the PSD check is a Cholesky factor of ``C + psd_rtol m I``
+    with ``m <= mu_max``, which proves the eigenvalue test passes, and the
+    eigenvalues are computed only when it fails), the scores are ``diag(C K^{-1})`` from it, and the final refit
     still uses the Cholesky solve of ``C_SS + lam I``.
 
     Examples
@@ -189,7 +190,7 @@ def nystrom_select(C, k: int, *, ridge: float = 1e-2, method: str = "leverage", 
     if method == "obs":
         Kinv = _ridge_inverse(Cw, lam, xp)
         scores = xp.clip(xp.sum(Cw * Kinv, axis=0), min=0.0, max=1.0)  # diag(C K^-1)
-        indices, path = _obs_eliminate(Cw, Kinv, Ww, k, xp)
+        indices, path = _obs_eliminate(Cw, Kinv, Ww, k, lam, xp)
     else:
         if lam > 0:
             weights = mu / (mu + lam)
@@ -228,7 +229,7 @@ def obs_path(C, k: int, *, ridge: float = 1e-2, weight=None, psd_rtol: float | N
     refits once, at the count it chooses.
     """
     xp, Cw, k, lam, _, _, _, _, Ww = _prepare(C, k, ridge, weight, psd_rtol, vectors=False, obs=True)
-    return _obs_eliminate(Cw, _ridge_inverse(Cw, lam, xp), Ww, k, xp)[1]
+    return _obs_eliminate(Cw, _ridge_inverse(Cw, lam, xp), Ww, k, lam, xp)[1]
 
 
 def _prepare(C, k, ridge, weight, psd_rtol, *, vectors: bool, obs: bool):
@@ -243,19 +244,48 @@ def _prepare(C, k, ridge, weight, psd_rtol, *, vectors: bool, obs: bool):
     Ww = _checked_weight(C, weight, xp)
     Cw = as_work(C, xp)
     Cw = (Cw + xp.matrix_transpose(Cw)) / 2
-    # "obs" needs K^-1, not the eigenvectors: eigenvalues alone (for the PSD check) cost a fraction
-    mu, U = xp.linalg.eigh(Cw) if vectors else (xp.linalg.eigvalsh(Cw), None)
-    mu_max = max(float(xp.max(xp.abs(mu))), 0.0)
     if psd_rtol is None:
         psd_rtol = 10.0 * d * dtype_eps(Cw.dtype)
-    rounding = check_nonnegative_scalar("psd_rtol", psd_rtol) * mu_max
-    if float(mu[0]) < -rounding:
-        raise ValueError(f"C is not positive semidefinite: eigenvalue {float(mu[0]):.3g} "
-                         f"below -{rounding:.3g} (rounding level)")
+    psd_rtol = check_nonnegative_scalar("psd_rtol", psd_rtol)
+    mu = U = None
+    # "obs" needs K^-1, not the spectrum: a Cholesky factor settles the PSD check in a quarter of eigvalsh's time
+    if vectors or not _psd_by_cholesky(Cw, psd_rtol, xp):
+        mu, U = xp.linalg.eigh(Cw) if vectors else (xp.linalg.eigvalsh(Cw), None)
+        rounding = psd_rtol * max(float(xp.max(xp.abs(mu))), 0.0)
+        if float(mu[0]) < -rounding:
+            raise ValueError(f"C is not positive semidefinite: eigenvalue {float(mu[0]):.3g} "
+                             f"below -{rounding:.3g} (rounding level)")
+        mu = xp.clip(mu, min=0.0)
+    else:
+        rounding = None
     trace = float(xp.sum(xp.linalg.diagonal(Cw)))
     lam = ridge * trace / d
-    mu = xp.clip(mu, min=0.0)
     return xp, Cw, k, lam, trace, mu, U, rounding, Ww
+
+
+def _psd_by_cholesky(Cw, psd_rtol, xp) -> bool:
+    r"""True if ``C + psd_rtol * m I`` has a Cholesky factor, ``m <= mu_max`` a lower bound.
+
+    A factor proves every eigenvalue is above ``-psd_rtol m >= -psd_rtol mu_max``,
+    so the eigenvalue test would pass too; False only means "undecided" (the
+    caller then computes the eigenvalues). ``m`` is the larger of the largest
+    diagonal entry and a Rayleigh quotient after a few power steps, both at
+    most ``mu_max``.
+    """
+    d = Cw.shape[-1]
+    diag = xp.linalg.diagonal(Cw)
+    v = xp.abs(diag) + 1.0 / d  # a start with weight on the dominant channels
+    for _ in range(8):
+        w = Cw @ v
+        norm = float(xp.sqrt(xp.sum(w * w)))
+        if not norm > 0:
+            break
+        v = w / norm
+    scale = max(float(xp.max(diag)), float(xp.sum(v * (Cw @ v)) / xp.sum(v * v)), 0.0)
+    if scale == 0.0:
+        return False
+    eye = xp.eye(d, dtype=Cw.dtype, device=device_of(Cw))
+    return cholesky_or_none(Cw + (psd_rtol * scale) * eye, xp) is not None
 
 
 def _checked_weight(C, weight, xp):
@@ -376,14 +406,19 @@ def _ridge_inverse(Cw, lam, xp):
     return xp.matrix_transpose(Linv) @ Linv
 
 
-def _obs_eliminate(Cw, Kinv, W, k, xp):
+def _obs_eliminate(Cw, Kinv, W, k, lam, xp):
     """Kept indices (ascending int64) and the :class:`EliminationPath` of greedy backward elimination."""
     d = Cw.shape[-1]
     dev = device_of(Cw)
-    # the optimal refit with every channel kept: W C K^-1 (C K^-1 without a weight)
-    WC = Cw if W is None else W @ Cw
-    WS = WC @ Kinv
-    start = float(xp.sum(WC * (Cw if W is None else W)) - xp.sum(WS * WC))  # J with every channel
+    # the optimal refit with every channel kept, W C K^-1 = W - lam W K^-1 (C = K - lam I): one
+    # product; and J = tr(W C W^T) - tr(W C K^-1 C W^T) = lam tr(W C K^-1 W^T), free of cancellation
+    WS = -lam * Kinv if W is None else -lam * (W @ Kinv)
+    if W is None:
+        WS = WS + xp.eye(d, dtype=Cw.dtype, device=dev)
+        start = lam * float(xp.sum(xp.linalg.diagonal(WS)))
+    else:
+        WS = WS + W
+        start = lam * float(xp.sum(WS * W))
     alive = xp.ones((d,), dtype=xp.bool, device=dev)
     inf = xp.asarray(float("inf"), dtype=Cw.dtype, device=dev)
     to_remove = d - k

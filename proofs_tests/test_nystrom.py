@@ -312,6 +312,31 @@ def test_psd_rtol_accepts_a_float32_accumulated_statistic():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@given(seed=seeds(), d=st.integers(2, 12), factor=st.sampled_from([0.25, 4.0]),
+       rtol=st.sampled_from([1e-12, 1e-6, 1e-3]), method=st.sampled_from(["obs", "leverage"]))
+def test_psd_check_matches_the_eigenvalue_test(backend, seed, d, factor, rtol, method):
+    """The PSD decision is the eigenvalue test's: smallest eigenvalue ``-factor * psd_rtol * mu_max``.
+
+    ``"obs"`` settles it by a Cholesky factor of ``C + psd_rtol m I`` (``m <= mu_max``) and
+    computes the spectrum only when that fails; ``"leverage"`` always has the spectrum.
+    Either way, a dent a quarter of the rounding level is accepted and four times it refused.
+    """
+    rng = np.random.default_rng(seed)
+    Q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    mu = np.sort(10.0 ** rng.uniform(-3, 3, d))[::-1]
+    mu[-1] = -factor * rtol * mu[0]
+    C = (Q * mu) @ Q.T
+    C = (C + C.T) / 2
+    Cb = to_backend(C, backend)
+    if factor < 1:
+        res = lrmath.nystrom_select(Cb, d // 2, method=method, psd_rtol=rtol)
+        assert res.indices.shape == (d // 2,)
+    else:
+        with pytest.raises(ValueError, match="positive semidefinite"):
+            lrmath.nystrom_select(Cb, d // 2, method=method, psd_rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(HW=layer_data(), data=st.data())
 def test_obs_path_is_nested_and_its_objectives_are_the_refits(backend, HW, data):
     """``path``: every point is a kept set whose refit has exactly the recorded objective.
