@@ -103,6 +103,20 @@ def gram(y, xp=None):
     return xp.matrix_transpose(y) @ y
 
 
+def sum_rows(x, xp, dtype):
+    """``sum(x, axis=-2)`` accumulated in ``dtype`` (e.g. float32 rows summed in float64).
+
+    A CPU torch tensor goes through numpy on shared memory: torch's upcasting
+    CPU reduction was measured 9x slower (46 ms against 5 ms for 4096 x 1536
+    float32 rows, one thread).
+    """
+    if is_torch(xp) and x.device.type == "cpu" and not x.requires_grad:
+        import torch
+
+        return torch.from_numpy(np.sum(x.numpy(), axis=-2, dtype=torch.empty((), dtype=dtype).numpy().dtype))
+    return xp.sum(x, axis=-2, dtype=dtype)
+
+
 def sub_matmul_(C, A, B, xp=None):
     """``C -= A @ B`` in place (``C`` must be the caller's own array); returns ``C``.
 

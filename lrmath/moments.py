@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from array_api_compat import to_device
 
-from ._backend import as_work, device_of, from_numpy, gram, namespace, to_numpy, work_dtype
+from ._backend import as_work, device_of, from_numpy, gram, namespace, sum_rows, to_numpy, work_dtype
 from ._validation import check_array, check_finite, check_int
 
 __all__ = ["FORMAT_VERSION", "Moments", "PowerSums"]
@@ -46,10 +46,19 @@ def _centred_sums(x, xp, gram_dtype=None):
     """Mean and centred sums of one batch ``x`` (..., n, dim), two passes in the work dtype.
 
     With ``gram_dtype`` (e.g. float32) only the O(n d^2) product of the already
-    centred rows runs in that precision; it is returned in the work dtype.
+    centred rows runs in that precision; it is returned in the work dtype. When
+    ``x`` already has that dtype, :func:`_low_precision_sums` avoids the
+    float64 copy of the batch.
     """
-    mean = xp.mean(x, axis=-2)
-    y = x - mean[..., None, :]
+    w = as_work(x, xp)
+    if gram_dtype is not None and x.dtype == gram_dtype and w is not x:
+        return _low_precision_sums(x, xp, w.dtype)
+    mean = xp.mean(w, axis=-2)
+    if w is x:
+        y = w - mean[..., None, :]
+    else:  # our own copy: centre in place (one n x d allocation fewer)
+        w -= mean[..., None, :]
+        y = w
     r2 = xp.vecdot(y, y, axis=-1)  # no n x d temporaries (benchmarks/test_bench_shrinkage.py)
     if gram_dtype is None or gram_dtype == y.dtype:
         m2 = gram(y, xp)
@@ -57,6 +66,46 @@ def _centred_sums(x, xp, gram_dtype=None):
         m2 = xp.astype(gram(xp.astype(y, gram_dtype), xp), y.dtype)
     m3 = (r2[..., None, :] @ y)[..., 0, :]
     m4 = xp.vecdot(r2, r2, axis=-1)
+    return mean, m2, m3, m4
+
+
+def _low_precision_sums(x, xp, work):
+    r""":func:`_centred_sums` of a batch already in the low Gram precision (e.g. float32 activations).
+
+    The exact float64 mean ``m`` is rounded to ``c`` in ``x``'s dtype, the rows
+    are centred about ``c`` in that dtype (``z = x - c``, each entry rounded
+    once, as the float64 path rounds ``y`` before its low-precision Gram), and
+    the power sums of ``z`` (``Z_2 = \sum z z^T``, ``R_k = \|z_k\|^2``,
+    ``Z_3 = \sum R_k z_k``) run in that dtype; with ``\delta = m - c``,
+    ``\sum z = n \delta``, they move exactly to the mean (``y = z - \delta``):
+
+    .. math::
+        M_2 &= Z_2 - n \delta\delta^\top \\
+        M_3 &= Z_3 - 2 Z_2 \delta - (\operatorname{tr} Z_2) \delta + 2 n \|\delta\|^2 \delta \\
+        M_4 &= Z_4 + 4 \delta^\top Z_2 \delta - 4 \delta^\top Z_3
+               + 2 \|\delta\|^2 \operatorname{tr} Z_2 - 3 n \|\delta\|^4 .
+
+    No float64 copy of the batch is made (the mean's float64 column sums read
+    ``x`` as it is), which removes about half of the statistics' overhead on
+    top of the Gram product on CPUs.
+    """
+    n = x.shape[-2]
+    mean = sum_rows(x, xp, work) / n
+    c = xp.astype(mean, x.dtype)
+    z = x - c[..., None, :]
+    delta = mean - xp.astype(c, work)
+    r = xp.vecdot(z, z, axis=-1)
+    z2 = xp.astype(gram(z, xp), work)
+    z3 = xp.astype((r[..., None, :] @ z)[..., 0, :], work)
+    r = xp.astype(r, work)
+    z4 = xp.vecdot(r, r, axis=-1)
+    z2d = (z2 @ delta[..., :, None])[..., 0]
+    tr = xp.linalg.trace(z2)
+    dd = xp.sum(delta * delta, axis=-1)
+    m2 = z2 - n * (delta[..., :, None] * delta[..., None, :])
+    m3 = z3 - 2.0 * z2d - tr[..., None] * delta + (2.0 * n * dd)[..., None] * delta
+    m4 = (z4 + 4.0 * xp.sum(delta * z2d, axis=-1) - 4.0 * xp.sum(delta * z3, axis=-1)
+          + 2.0 * dd * tr - 3.0 * n * dd * dd)
     return mean, m2, m3, m4
 
 
@@ -166,7 +215,11 @@ class Moments:
         Gram product in that precision, about twice as fast on CPUs; the mean,
         the centring and every merge stay in float64, so the error is that of
         one float32 product of centred rows (relative ~ n * 2^-24), not of an
-        uncentred running sum.
+        uncentred running sum. When ``x`` already has that dtype (float32
+        activations), the batch is centred about its rounded float64 mean and
+        all its sums run in that dtype without a float64 copy; the third and
+        fourth sums then carry the same relative rounding as the Gram, and the
+        mean is still the float64 mean of the float32 values.
 
         Raises
         ------
@@ -189,7 +242,7 @@ class Moments:
         if n == 0:
             return self
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: the error below says so
-            part = _centred_sums(as_work(x, xp), xp, gram_dtype)
+            part = _centred_sums(x, xp, gram_dtype)
         # a NaN or Inf in x makes the mean (and M4) non-finite: checking the small sums instead of
         # every entry of x saves a full pass over the batch (a tenth of the statistics' cost)
         if not (bool(xp.all(xp.isfinite(part[0]))) and bool(xp.all(xp.isfinite(part[3])))):

@@ -116,6 +116,33 @@ def test_float32_gram_of_centred_batches_keeps_float32_accuracy_despite_large_me
                                atol=tolerance(np.float64, n=n, kappa=1 + shift) * np.abs(X).max())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=split_samples())
+def test_float32_batches_with_float32_gram_keep_float32_accuracy_and_an_exact_mean(backend, case):
+    """float32 rows with gram_dtype=float32 are centred and summed in float32, no float64 copy.
+
+    The mean is still the float64 mean of the float32 values; the covariance and the third
+    and fourth sums carry float32 rounding of the spread (not of the mean), whatever the shift.
+    """
+    X, shift, parts, order = case
+    X32 = [part.astype(np.float32) for part in parts]
+    acc = lrmath.Moments(X.shape[1])
+    low = np.float32 if backend == "numpy" else __import__("torch").float32
+    for i in order:
+        acc.update(to_backend(X32[i], backend), gram_dtype=low)
+    exact = np.concatenate([X32[i] for i in order]).astype(np.float64)
+    n = exact.shape[0]
+    mean, M2, M3, M4 = reference(exact)
+    r = np.sqrt(np.sum((exact - mean) ** 2, axis=1))
+    np.testing.assert_allclose(to_numpy(acc.mean), mean, rtol=0,
+                               atol=tolerance(np.float64, n=n, kappa=1 + shift) * np.abs(exact).max())
+    tol32 = tolerance(np.float32, n=n)
+    sums = acc.sums()
+    np.testing.assert_allclose(to_numpy(acc.covariance()), M2 / n, rtol=0, atol=tol32 * np.sum(r**2) / n + 1e-300)
+    np.testing.assert_allclose(to_numpy(sums.third), M3, rtol=0, atol=tol32 * np.sum(r**3) + 1e-300)
+    assert abs(float(sums.fourth) - M4) <= tol32 * M4 + 1e-300
+
+
 @given(case=split_samples(max_n=40, max_p=6), batch_shape=st.sampled_from([(1,), (3,), (2, 2)]))
 def test_batch_shape_gives_independent_streams(case, batch_shape):
     """Per-head statistics: a batched accumulator equals one accumulator per head."""
