@@ -33,14 +33,21 @@ def _token_sums(x_in, x_out, xp):
     """Per-batch sums: cosines of defined tokens, their count, reference angles, token count."""
     a = as_work(x_in, xp)
     b = as_work(x_out, xp)
-    # scale each token by its max-abs entry first: no overflow or underflow in the norms
-    sa = xp.max(xp.abs(a), axis=-1, keepdims=True)
-    sb = xp.max(xp.abs(b), axis=-1, keepdims=True)
-    defined = (sa[..., 0] > 0) & (sb[..., 0] > 0)
     one = xp.ones((), dtype=a.dtype, device=device_of(a))
-    a = a / xp.where(sa > 0, sa, one)
-    b = b / xp.where(sb > 0, sb, one)
-    norms = xp.linalg.vector_norm(a, axis=-1) * xp.linalg.vector_norm(b, axis=-1)
+    if a.dtype == xp.float64 and x_in.dtype != xp.float64 and x_out.dtype != xp.float64:
+        # float32 / 16 / bfloat16 entries squared and summed in float64 can neither overflow
+        # (3.4e38^2 * d << 1.8e308) nor underflow (1.4e-45^2 >> 2.2e-308): no scaling pass
+        na, nb = xp.linalg.vector_norm(a, axis=-1), xp.linalg.vector_norm(b, axis=-1)
+        defined = (na > 0) & (nb > 0)
+    else:
+        # scale each token by its max-abs entry first: no overflow or underflow in the norms
+        sa = xp.max(xp.abs(a), axis=-1, keepdims=True)
+        sb = xp.max(xp.abs(b), axis=-1, keepdims=True)
+        defined = (sa[..., 0] > 0) & (sb[..., 0] > 0)
+        a = a / xp.where(sa > 0, sa, one)
+        b = b / xp.where(sb > 0, sb, one)
+        na, nb = xp.linalg.vector_norm(a, axis=-1), xp.linalg.vector_norm(b, axis=-1)
+    norms = na * nb
     cos = xp.vecdot(a, b, axis=-1) / xp.where(defined, norms, one)
     cos = xp.clip(cos, min=-1.0, max=1.0)  # rounding can leave |cos| a few ulps above 1
     zero = xp.zeros((), dtype=a.dtype, device=device_of(a))

@@ -175,6 +175,31 @@ def test_float32_torch_input_gives_float64_result_on_same_library():
     assert isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.ndim == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(seed=seeds(), exponent=st.sampled_from([-40, -20, 0, 20, 35]), dtype=st.sampled_from(["float32", "float16"]))
+def test_low_precision_input_skips_scaling_without_overflow_or_underflow(backend, seed, exponent, dtype):
+    """float32 / float16 tokens go unscaled into float64 norms: same cosines as the scaled float64 path.
+
+    Tokens of magnitude 1e-40 .. 1e35 (float32 subnormal to near its overflow; float16 within
+    its own range) and all-zero tokens give the importance of the same values
+    fed in float64, to float64 rounding.
+    """
+    rng = np.random.default_rng(seed)
+    if dtype == "float16":
+        exponent //= 10  # float16 spans 6e-8 .. 65504
+    x = rng.standard_normal((9, 7)) * 10.0 ** exponent
+    y = x + 0.3 * rng.standard_normal((9, 7)) * 10.0 ** exponent
+    x[0] = 0.0  # an undefined token
+    low = np.asarray(x, dtype=dtype), np.asarray(y, dtype=dtype)
+    exact = low[0].astype(np.float64), low[1].astype(np.float64)
+    for mode in ("paper", "reference"):
+        if not np.any(np.linalg.norm(exact[0][1:], axis=1) * np.linalg.norm(exact[1][1:], axis=1) > 0):
+            continue  # float16 flushed every token to zero: no angle to compare
+        got = float(to_numpy(lrmath.angular_importance(*(to_backend(a, backend) for a in low), mode=mode)))
+        want = float(lrmath.angular_importance(*exact, mode=mode))
+        assert abs(got - want) <= angle_tol(want, 16), (got, want)
+
+
 def test_mixing_libraries_is_refused():
     torch = pytest.importorskip("torch")
     acc = lrmath.AngularImportance().update(np.ones((2, 3)), np.ones((2, 3)))
