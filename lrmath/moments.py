@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from array_api_compat import to_device
 
-from ._backend import as_work, device_of, from_numpy, gram, namespace, sum_rows, to_numpy, work_dtype
+from ._backend import as_work, device_of, from_numpy, namespace, to_numpy, work_dtype
+from ._power_sums import _centred_sums, _merge, _shift
 from ._validation import check_array, check_finite, check_int
 
 __all__ = ["FORMAT_VERSION", "Moments", "PowerSums"]
@@ -40,116 +41,6 @@ class PowerSums(NamedTuple):
     second: Any
     third: Any
     fourth: Any
-
-
-def _centred_sums(x, xp, gram_dtype=None):
-    """Mean and centred sums of one batch ``x`` (..., n, dim), two passes in the work dtype.
-
-    With ``gram_dtype`` (e.g. float32) only the O(n d^2) product of the already
-    centred rows runs in that precision; it is returned in the work dtype. When
-    ``x`` already has that dtype, :func:`_low_precision_sums` avoids the
-    float64 copy of the batch.
-    """
-    w = as_work(x, xp)
-    if gram_dtype is not None and x.dtype == gram_dtype and w is not x:
-        return _low_precision_sums(x, xp, w.dtype)
-    mean = xp.mean(w, axis=-2)
-    if w is x:
-        y = w - mean[..., None, :]
-    else:  # our own copy: centre in place (one n x d allocation fewer)
-        w -= mean[..., None, :]
-        y = w
-    r2 = xp.vecdot(y, y, axis=-1)  # no n x d temporaries (benchmarks/test_bench_shrinkage.py)
-    if gram_dtype is None or gram_dtype == y.dtype:
-        m2 = gram(y, xp)
-    else:
-        m2 = xp.astype(gram(xp.astype(y, gram_dtype), xp), y.dtype)
-    m3 = (r2[..., None, :] @ y)[..., 0, :]
-    m4 = xp.vecdot(r2, r2, axis=-1)
-    return mean, m2, m3, m4
-
-
-def _low_precision_sums(x, xp, work):
-    r""":func:`_centred_sums` of a batch already in the low Gram precision (e.g. float32 activations).
-
-    The exact float64 mean ``m`` is rounded to ``c`` in ``x``'s dtype, the rows
-    are centred about ``c`` in that dtype (``z = x - c``, each entry rounded
-    once, as the float64 path rounds ``y`` before its low-precision Gram), and
-    the power sums of ``z`` (``Z_2 = \sum z z^T``, ``R_k = \|z_k\|^2``,
-    ``Z_3 = \sum R_k z_k``) run in that dtype; with ``\delta = m - c``,
-    ``\sum z = n \delta``, they move exactly to the mean (``y = z - \delta``):
-
-    .. math::
-        M_2 &= Z_2 - n \delta\delta^\top \\
-        M_3 &= Z_3 - 2 Z_2 \delta - (\operatorname{tr} Z_2) \delta + 2 n \|\delta\|^2 \delta \\
-        M_4 &= Z_4 + 4 \delta^\top Z_2 \delta - 4 \delta^\top Z_3
-               + 2 \|\delta\|^2 \operatorname{tr} Z_2 - 3 n \|\delta\|^4 .
-
-    No float64 copy of the batch is made (the mean's float64 column sums read
-    ``x`` as it is), which removes about half of the statistics' overhead on
-    top of the Gram product on CPUs.
-    """
-    n = x.shape[-2]
-    mean = sum_rows(x, xp, work) / n
-    c = xp.astype(mean, x.dtype)
-    z = x - c[..., None, :]
-    delta = mean - xp.astype(c, work)
-    r = xp.vecdot(z, z, axis=-1)
-    z2 = xp.astype(gram(z, xp), work)
-    z3 = xp.astype((r[..., None, :] @ z)[..., 0, :], work)
-    r = xp.astype(r, work)
-    z4 = xp.vecdot(r, r, axis=-1)
-    z2d = (z2 @ delta[..., :, None])[..., 0]
-    tr = xp.linalg.trace(z2)
-    dd = xp.sum(delta * delta, axis=-1)
-    m2 = z2 - n * (delta[..., :, None] * delta[..., None, :])
-    m3 = z3 - 2.0 * z2d - tr[..., None] * delta + (2.0 * n * dd)[..., None] * delta
-    m4 = (z4 + 4.0 * xp.sum(delta * z2d, axis=-1) - 4.0 * xp.sum(delta * z3, axis=-1)
-          + 2.0 * dd * tr - 3.0 * n * dd * dd)
-    return mean, m2, m3, m4
-
-
-def _shift(count, m2, m3, m4, d, xp):
-    r"""Third and fourth sums of ``z = y + d`` from the sums of rows ``y`` that sum to zero.
-
-    With :math:`\sum y = 0`, :math:`\|z\|^2 = \|y\|^2 + 2 y^\top d + \|d\|^2` gives
-
-    .. math::
-        \sum z z^\top &= M_2 + n\, d d^\top \\
-        \sum \|z\|^2 z &= M_3 + 2 M_2 d + (\operatorname{tr} M_2 + n \|d\|^2)\, d \\
-        \sum \|z\|^4 &= M_4 + 4 d^\top M_3 + 4 d^\top M_2 d + 2 \|d\|^2 \operatorname{tr} M_2
-                        + n \|d\|^4 .
-
-    Only the last two are formed here (matrix-vector work); the second-moment
-    part is merged once by :func:`_merge`, so a merge costs one d x d update.
-    """
-    m2d = (m2 @ d[..., :, None])[..., 0]
-    dm2d = xp.sum(d * m2d, axis=-1)
-    dd = xp.sum(d * d, axis=-1)
-    tr = xp.linalg.trace(m2)
-    dm3 = xp.sum(d * m3, axis=-1)
-    s3 = m3 + 2.0 * m2d + (tr + count * dd)[..., None] * d
-    s4 = m4 + 4.0 * dm3 + 4.0 * dm2d + 2.0 * dd * tr + count * (dd * dd)
-    return s3, s4
-
-
-def _merge(a, b, xp):
-    """Chan et al.'s pairwise merge of two ``(count, mean, m2, m3, m4)`` states.
-
-    ``M2 = M2_a + M2_b + (n_a n_b / n) g g^T`` with ``g`` the gap between the
-    means (the sum of both parts' shifts ``n d d^T``, formed once).
-    """
-    na, nb = a[0], b[0]
-    n = na + nb
-    gap = b[1] - a[1]
-    # both parts are shifted to the pooled mean by a small step, never by the mean itself
-    da = (-nb / n) * gap
-    db = (na / n) * gap
-    mean = a[1] + (nb / n) * gap
-    m2 = a[2] + b[2] + (na * nb / n) * (gap[..., :, None] * gap[..., None, :])
-    a3, a4 = _shift(na, *a[2:], da, xp)
-    b3, b4 = _shift(nb, *b[2:], db, xp)
-    return (n, mean, m2, a3 + b3, a4 + b4)
 
 
 class Moments:
