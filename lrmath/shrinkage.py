@@ -203,8 +203,12 @@ def _power_sums(data, assume_centered: bool) -> tuple[PowerSums, Any]:
         n, p = data.shape[-2], data.shape[-1]
         if n == 0 or p == 0:
             raise ValueError(f"data is empty (shape {tuple(data.shape)}): need n >= 1 samples of p >= 1 features")
-        check_finite("data", data, xp)
-        acc = Moments(p, batch_shape=tuple(data.shape[:-2]), device=device_of(data)).update(data)
+        acc = Moments(p, batch_shape=tuple(data.shape[:-2]), device=device_of(data))
+        try:  # update detects NaN / Inf from its sums, without a separate pass over data
+            acc.update(data)
+        except ValueError:
+            check_finite("data", data, xp)  # names them as this function's argument
+            raise
     sums = acc.sums(about="origin" if assume_centered else "mean")
     return sums, namespace(sums.second)
 

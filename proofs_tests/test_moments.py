@@ -83,6 +83,25 @@ def test_merge_and_update_equal_single_pass_in_any_order(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@given(case=split_samples(), chunk=st.integers(1, 9))
+def test_long_host_batches_centred_in_chunks_equal_single_pass(backend, case, chunk):
+    """A batch longer than two host chunks is centred and summed chunk by chunk: same sums.
+
+    (The chunk is shrunk from its 4096 rows so that the drawn batches exercise it.)
+    """
+    from unittest import mock
+
+    from lrmath import _power_sums
+
+    X, shift, parts, order = case
+    with mock.patch.object(_power_sums, "_HOST_CHUNK", chunk):
+        acc = lrmath.Moments(X.shape[1])
+        for i in order:
+            acc.update(to_backend(parts[i], backend))
+    check_against_reference(acc, np.concatenate([parts[i] for i in order]), shift)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(case=split_samples())
 def test_float32_stream_with_large_mean_matches_float64_two_pass(backend, case):
     """float32 batches are accumulated in float64: no float32 rounding of the sums shows up."""
