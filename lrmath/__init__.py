@@ -50,6 +50,7 @@ _EXPORTS = {
     "JointSubspaces": "tucker",
     "nystrom_select": "nystrom",
     "nystrom_refit": "nystrom",
+    "nystrom_fold": "nystrom",
     "obs_path": "nystrom",
     "EliminationPath": "nystrom",
     "NystromResult": "nystrom",

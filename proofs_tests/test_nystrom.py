@@ -372,6 +372,39 @@ def test_obs_path_is_nested_and_its_objectives_are_the_refits(backend, HW, data)
     np.testing.assert_allclose(to_numpy(final.reconstruction), to_numpy(res.reconstruction), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(HW=layer_data(), data=st.data())
+def test_fold_is_the_weight_times_the_refit(backend, HW, data):
+    """``nystrom_fold(C, S, W) = W R`` with ``R`` of :func:`lrmath.nystrom_refit`, in any index order.
+
+    It solves for the ``m`` rows of ``W`` instead of the ``d`` channels, so the two agree to
+    the rounding of one ridge-conditioned solve (``kappa <= 1 + d / ridge``).
+    """
+    H, W = HW
+    d = H.shape[0]
+    k = data.draw(st.integers(0, d))
+    ridge = data.draw(st.sampled_from([1e-3, 1e-1]))
+    kept = data.draw(st.permutations(list(range(d))))[:k]
+    C = H @ H.T
+    Cb, Wb = to_backend(C, backend), to_backend(W, backend)
+    folded = lrmath.nystrom_fold(Cb, to_backend(np.asarray(kept, dtype=np.int64), backend), Wb, ridge=ridge)
+    assert same_library(folded, Cb) and tuple(folded.shape) == (W.shape[0], k)
+    R = to_numpy(lrmath.nystrom_refit(Cb, to_backend(np.asarray(kept, dtype=np.int64), backend),
+                                      ridge=ridge).reconstruction)
+    tol = tolerance(n=d, kappa=1 + d / ridge) * (np.abs(W).sum(axis=1).max() * np.abs(R).max(initial=0.0) + 1e-300)
+    np.testing.assert_allclose(to_numpy(folded), W @ R, rtol=0, atol=tol)
+
+
+def test_fold_needs_a_weight_and_checks_it():
+    C = np.eye(4)
+    with pytest.raises(ValueError, match="weight is required"):
+        lrmath.nystrom_fold(C, np.array([0, 1]), None)
+    with pytest.raises(ValueError, match="columns"):
+        lrmath.nystrom_fold(C, np.array([0, 1]), np.ones((2, 3)))
+    with pytest.raises(ValueError, match="distinct"):
+        lrmath.nystrom_fold(C, np.array([1, 1]), np.ones((2, 4)))
+
+
 def test_refit_and_leverage_path_contracts():
     H = np.random.default_rng(4).standard_normal((6, 30))
     C = H @ H.T

@@ -214,13 +214,18 @@ def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, token
 
 
 def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridge: float,
-                 selection: str = "leverage", sel=None) -> None:
+                 selection: str = "leverage", kept=None) -> None:
+    """Keep ``channels`` MLP channels (selected here, or the ascending ``kept`` given) and refit ``W_down``."""
     down = get_linear(model, layer, "down", spec)
-    if sel is None:
+    if kept is None:
         weight = weight64(down).cpu() if selection == "obs" else None
         sel = lrmath.nystrom_select(moments.gram, channels, ridge=ridge, method=selection, weight=weight,
                                     psd_rtol=gram_psd_rtol(moments.gram.shape[-1]))
-    keep = torch.as_tensor(lrmath._backend.to_numpy(sel.indices), dtype=torch.long)
+        kept = sel.indices
+        new_weight = weight64(down) @ sel.reconstruction
+    else:  # W_down R solved for its rows directly (lrmath.nystrom_fold): R itself is never needed
+        new_weight = lrmath.nystrom_fold(moments.gram, torch.as_tensor(kept), weight64(down).cpu(), ridge=ridge)
+    keep = torch.as_tensor(lrmath._backend.to_numpy(kept), dtype=torch.long)
     roles = ("gate", "up") if spec.mlp_kind == "gated" else ("up",)
     for role in roles:
         dense = get_linear(model, layer, role, spec)
@@ -235,15 +240,16 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
     new_down = nn.Linear(channels, down.out_features, bias=down.bias is not None,
                          device=down.weight.device, dtype=down.weight.dtype)
     with torch.no_grad():
-        new_down.weight.copy_((weight64(down) @ sel.reconstruction).to(down.weight.dtype))
+        new_down.weight.copy_(new_weight.to(device=down.weight.device, dtype=down.weight.dtype))
         if down.bias is not None:
             new_down.bias.copy_(down.bias)
     set_linear(model, layer, "down", new_down, spec)
 
 
 def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, w: float, ridge: float, v_basis: str):
-    """``split="error"``: one layer's head dim and channels under its IPRS budget, the MLP selection,
-    and the nested value bases (G, d_h, d_h) it priced (their first ``r`` columns are the rank-``r`` bases)."""
+    """``split="error"``: one layer's head dim and channels under its IPRS budget, the kept MLP channels
+    (ascending), and the nested value bases (G, d_h, d_h) it priced (their first ``r`` columns are the
+    rank-``r`` bases)."""
     budget = layer_parameters(spec, w, qk=False)
     d = spec.head_dim
     fixed, per_rank, per_channel = _split_costs(spec)
@@ -261,9 +267,8 @@ def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, w: float, ridge
                            psd_rtol=gram_psd_rtol(down_stats.gram.shape[-1]))
     head_rank, channels = _error_split(spec, budget, vo_loss, path, down_stats.count)
     removed = lrmath._backend.to_numpy(path.removed)[: spec.intermediate_size - channels]
-    kept = np.setdiff1d(np.arange(spec.intermediate_size), removed)
-    sel = lrmath.nystrom_refit(down_stats.gram, torch.as_tensor(kept), ridge=ridge, weight=weight)
-    return head_rank, channels, sel, bases
+    kept = np.setdiff1d(np.arange(spec.intermediate_size), removed)  # ascending
+    return head_rank, channels, kept, bases
 
 
 def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None, selection="leverage",
@@ -305,10 +310,10 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
     with timer(result.timings, "surgery"):
         for layer, layer_stats in enumerate(stats.layers):
             head_rank, channels = _ranks(spec, float(w[layer]))
-            sel = priced = None
+            kept = priced = None
             if split == "error":
-                head_rank, channels, sel, priced = _split_layer(model, spec, layer, layer_stats, float(w[layer]),
-                                                                 ridge, v_basis)
+                head_rank, channels, kept, priced = _split_layer(model, spec, layer, layer_stats, float(w[layer]),
+                                                                  ridge, v_basis)
             if head_rank < spec.head_dim:
                 pca = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank)
                 bases = pca.basis
@@ -327,7 +332,7 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
                 for role in ("q", "k"):
                     _fold_qk(model, spec, layer, role, layer_stats.head_outputs[role], head_rank)
             if channels < spec.intermediate_size:
-                _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge, selection, sel)
+                _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge, selection, kept)
             result.ranks[str(layer)] = {"kept_fraction": float(w[layer]), "head_rank": head_rank,
                                         "mlp_channels": channels}
     result.details = {"importance": importance.tolist(), "kept_fraction": [float(x) for x in w],

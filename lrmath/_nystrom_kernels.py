@@ -1,13 +1,15 @@
-"""Kernels of the output-aware channel elimination (``method="obs"`` of :func:`lrmath.nystrom_select`).
+"""Kernels of :mod:`lrmath.nystrom`: the refits, the PSD check and the output-aware elimination.
 
-The PSD check by a Cholesky factor, ``(C + lam I)^{-1}``, and the greedy backward
-elimination with exact joint downdates; :mod:`lrmath.nystrom` validates the
-inputs and wraps the results.
+The least-squares refit ``R = C[:, S] (C[S, S] + lam I)^{-1}`` (and ``W R``
+without ``R``), the PSD check by a Cholesky factor, ``(C + lam I)^{-1}`` and the
+greedy backward elimination with exact joint downdates (``method="obs"``);
+:mod:`lrmath.nystrom` validates the inputs and wraps the results.
 """
 
 from __future__ import annotations
 
 from ._backend import cholesky_or_none, device_of, is_torch, solve_triangular, sub_matmul_
+from ._validation import dtype_eps
 
 
 def _psd_by_cholesky(Cw, psd_rtol, xp) -> bool:
@@ -101,3 +103,59 @@ def _obs_eliminate(Cw, Kinv, W, k, lam, xp):
 
 # rounds of the elimination: each removes the ceil((d - k) / rounds) cheapest channels jointly
 _OBS_ROUNDS = 64
+
+
+def _refit(Cw, indices, lam, trace, Ww, xp):
+    """``(R, error, objective, weighted_error)`` for the kept ``indices`` (ascending); see :class:`lrmath.NystromResult`."""
+    d, k = Cw.shape[-1], int(indices.shape[0])
+    dev = device_of(Cw)
+    if k == 0:
+        zero = xp.asarray(trace, dtype=Cw.dtype, device=dev)
+        R0 = xp.zeros((d, 0), dtype=Cw.dtype, device=dev)
+        return R0, zero, zero, _weighted_error(Cw, Ww, R0, indices, xp)
+    C_rows, L = _kept_factor(Cw, indices, lam, xp)
+    Y = solve_triangular(L, C_rows, lower=True, xp=xp)  # L^-1 C[S, :]
+    Rt = solve_triangular(xp.matrix_transpose(L), Y, lower=False, xp=xp)
+    R = xp.matrix_transpose(Rt)
+    objective = xp.clip(trace - xp.sum(Y**2), min=0.0)
+    error = xp.clip(objective - lam * xp.sum(R**2), min=0.0)
+    return R, error, objective, _weighted_error(Cw, Ww, R, indices, xp)
+
+
+def _weighted_error(Cw, W, R, indices, xp):
+    """``tr(W E W^T)``, ``E = C - C_{:S} R^T - R C_{S:} + R C_{SS} R^T``: the refit's output error."""
+    if W is None:
+        return None
+    WC = W @ Cw
+    WR = W @ R
+    WCs = xp.take(WC, indices, axis=1)  # W C_{:S}
+    Css = xp.take(xp.take(Cw, indices, axis=0), indices, axis=1)
+    err = xp.sum(WC * W) - 2.0 * xp.sum(WCs * WR) + xp.sum((WR @ Css) * WR)
+    return xp.clip(err, min=0.0)
+
+
+def _kept_factor(Cw, indices, lam, xp):
+    """``C[S, :]`` and the lower Cholesky factor of ``C[S, S] + lam I`` (``S`` non-empty)."""
+    k = int(indices.shape[0])
+    C_rows = xp.take(Cw, indices, axis=0)  # C[S, :]
+    K = xp.take(C_rows, indices, axis=1) + lam * xp.eye(k, dtype=Cw.dtype, device=device_of(Cw))
+    L = cholesky_or_none(K, xp)
+    if L is not None and lam == 0:
+        # a Cholesky of a singular C[S, S] can succeed on rounding noise: refuse tiny pivots
+        pivots = xp.linalg.diagonal(L) ** 2
+        if float(xp.min(pivots)) <= 10.0 * k * dtype_eps(Cw.dtype) * float(xp.max(xp.linalg.diagonal(K))):
+            L = None
+    if L is None:
+        raise ValueError("ridge: C[S, S] + lam I is numerically singular for the selected channels "
+                         f"(lam = {lam:.3g}); use ridge > 0")
+    return C_rows, L
+
+
+def _fold(Cw, indices, lam, W, xp):
+    """``W C[:, S] (C[S, S] + lam I)^{-1}`` (m, k) with ``m`` right-hand sides, ``R`` never formed."""
+    m, k = W.shape[0], int(indices.shape[0])
+    if k == 0:
+        return xp.zeros((m, 0), dtype=Cw.dtype, device=device_of(Cw))
+    C_rows, L = _kept_factor(Cw, indices, lam, xp)
+    Z = solve_triangular(L, C_rows @ xp.matrix_transpose(W), lower=True, xp=xp)  # L^-1 C[S, :] W^T
+    return xp.matrix_transpose(solve_triangular(xp.matrix_transpose(L), Z, lower=False, xp=xp))
