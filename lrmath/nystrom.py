@@ -345,8 +345,9 @@ def nystrom_fold(C, indices, weight, *, ridge: float = 1e-2):
     :math:`(C_{SS} + \lambda I) X = C_{S:} W^\top` by one Cholesky factor and
     two triangular solves, then :math:`X^\top`. For an MLP's down projection
     (``m`` = hidden size < ``d`` = intermediate size) this skips the
-    ``d x k`` map and its product with ``W`` (measured 0.52 s -> about 0.15 s
-    per 1536-channel layer of SmolLM2-135M, one thread).
+    ``d x k`` map and its product with ``W`` (measured 2.0-2.2x faster than
+    the refit followed by ``W R`` for 1,100 of 1,536 channels of a SmolLM2-135M
+    layer, one thread).
     """
     if weight is None:
         raise ValueError("weight is required: nystrom_fold refits the layer that reads the channels")
