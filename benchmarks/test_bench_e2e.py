@@ -21,7 +21,7 @@ Two kinds of comparison, each measured side by side in one run:
   costs); both are recorded in ``extra_info``.
 * **Compressed vs dense at each ratio** (``test_e2e_inference``), default
   recipe (auto) at ratios 0.1 .. 0.5 (smoke: 0.2), each model compressed once
-  outside the timers: prefill (one forward over a 1 x 512 prompt that fills a
+  outside the timers, all from one calibration (``union_plan``): prefill (one forward over a 1 x 512 prompt that fills a
   fresh KV cache, as ``lrmath_hf.evaluate.throughput`` times it) and decode
   (greedy ``generate`` of 64 new tokens with the KV cache from a 32-token
   prompt; the time includes that short prompt's prefill). The dense model is
@@ -66,7 +66,7 @@ lrmath_hf = pytest.importorskip("lrmath_hf")
 
 from lrmath_hf.io import WEIGHTS, save_compressed  # noqa: E402
 from lrmath_hf.modules import count_parameters  # noqa: E402
-from lrmath_hf.recipes.common import linear_parameters  # noqa: E402
+from lrmath_hf.recipes.common import linear_parameters, run_calibration, union_plan  # noqa: E402
 from lrmath_hf.specs import get_spec  # noqa: E402
 
 MODEL = "smollm2-135m" if FULL else "tiny-llama"
@@ -279,8 +279,13 @@ def variant(request, e2e_cases):
     if ratio is None:
         yield {"case": case, "model": case["model"], "ratio": None, "facts": case["dense_facts"], "report": None}
         return
+    if "stats" not in case:  # one calibration serves every ratio (compression is outside the timers here)
+        spec = get_spec(case["model"])
+        case["stats"] = run_calibration(case["model"], spec, case["batches"], union_plan(spec), progress=False)
     model = copy.deepcopy(case["model"])
-    report = lrmath_hf.compress(model, case["batches"], recipe=DEFAULT_RECIPE, ratio=ratio, progress=False)
+    report = lrmath_hf.compress(model, case["batches"], recipe=DEFAULT_RECIPE, ratio=ratio, progress=False,
+                                stats=case["stats"])
+    report.options.pop("stats", None)
     model.eval()
     facts = _model_facts(model.to("cpu"), case["tmp"].mktemp(f"auto-{ratio}") / "model")
     model = model.to(case["device"])

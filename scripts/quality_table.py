@@ -28,23 +28,14 @@ import numpy as np
 import torch
 
 from lrmath_hf import zoo
-from lrmath_hf.calibrate import CalibrationPlan
 from lrmath_hf.data import protocol_windows
 from lrmath_hf.evaluate import perplexity
 from lrmath_hf.pipeline import compress
 from lrmath_hf.recipes import get_recipe
-from lrmath_hf.recipes.common import group_name, linear_parameters, run_calibration
+from lrmath_hf.recipes.common import linear_parameters, run_calibration, union_plan
 from lrmath_hf.specs import get_spec
 
 DEFAULT_RECIPES = ["auto", "svd", "flat", "flat-paper", "svd-llm"]
-
-
-def union_plan(spec) -> CalibrationPlan:
-    inputs = {group_name(g): spec.linears[g[0]] for g in spec.input_groups}
-    heads = {"v": (spec.linears["v"], spec.num_kv_heads, spec.head_dim),
-             "q": (spec.linears["q"], spec.num_heads, spec.head_dim),
-             "k": (spec.linears["k"], spec.num_kv_heads, spec.head_dim)}
-    return CalibrationPlan(inputs=inputs, head_outputs=heads, importance=True)
 
 
 def parse_recipe(text: str) -> tuple[str, str, dict]:

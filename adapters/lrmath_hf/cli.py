@@ -199,17 +199,6 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _union_plan(spec):
-    """Every statistic the decoder recipes read: all input groups, q/k/v head outputs, importance."""
-    from .calibrate import CalibrationPlan
-    from .recipes.common import group_name
-
-    inputs = {group_name(g): spec.linears[g[0]] for g in spec.input_groups}
-    heads = {role: (spec.linears[role], spec.num_heads if role == "q" else spec.num_kv_heads, spec.head_dim)
-             for role in ("v", "q", "k") if role in spec.linears}
-    return CalibrationPlan(inputs=inputs, head_outputs=heads, importance=True)
-
-
 def _takes_stats(recipe) -> bool:
     params = inspect.signature(recipe).parameters
     return "stats" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -219,7 +208,7 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
     """One dense measurement and (where the recipe reuses statistics) one calibration for every ratio."""
     from .pipeline import compress
     from .recipes import get_recipe
-    from .recipes.common import run_calibration
+    from .recipes.common import run_calibration, union_plan
     from .specs import get_spec
 
     started = time.perf_counter()
@@ -230,7 +219,7 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
     stats, calib_seconds = None, 0.0
     if _takes_stats(get_recipe(args.recipe)):
         t0 = time.perf_counter()
-        stats = run_calibration(model, get_spec(model), [w[None] for w in calib], _union_plan(get_spec(model)),
+        stats = run_calibration(model, get_spec(model), [w[None] for w in calib], union_plan(get_spec(model)),
                                 progress=not args.quiet)
         calib_seconds = time.perf_counter() - t0
         if not args.quiet:

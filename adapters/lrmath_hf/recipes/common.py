@@ -44,6 +44,17 @@ def input_plan(spec: ArchSpec, roles: Iterable[str] | None = None, **extra: Any)
     return CalibrationPlan(inputs=inputs, **extra)
 
 
+def union_plan(spec: ArchSpec) -> CalibrationPlan:
+    """Every statistic the decoder recipes read: one calibration serves every recipe and ratio.
+
+    All input groups, the q / k / v head outputs (pre-RoPE) and the angular importance; pass
+    the result of :func:`run_calibration` with it as ``stats=`` to any recipe that takes one.
+    """
+    heads = {role: (spec.linears[role], spec.num_heads if role == "q" else spec.num_kv_heads, spec.head_dim)
+             for role in ("v", "q", "k") if role in spec.linears}
+    return input_plan(spec, head_outputs=heads, importance=True)
+
+
 def linear_parameters(model: nn.Module, spec: ArchSpec) -> int:
     """Parameters of every layer's compressible linears (factorised ones count both factors)."""
     return sum(
