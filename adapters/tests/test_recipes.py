@@ -126,7 +126,7 @@ def _o_proj_output(model, spec, batches, layer=0):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_refit_o_is_never_worse_than_the_fold_on_the_calibration_data(arch):
     """``refit_o``: the least-squares o_proj on the kept value subspaces beats FLAT's ``W_o Q``."""
-    from lrmath_hf.recipes.flat import _refit_o
+    from lrmath_hf.recipes.flat_output import _refit_o
 
     model = tiny_model(arch)
     spec = get_spec(model)
@@ -179,7 +179,7 @@ def test_output_bases_are_the_optimal_value_subspace_for_one_head(seed):
     """
     from types import SimpleNamespace
 
-    from lrmath_hf.recipes.flat import _output_bases
+    from lrmath_hf.recipes.flat_output import _output_bases
 
     g = torch.Generator().manual_seed(seed)
     n, d, heads, r = 12, 8, 2, 3
@@ -221,6 +221,7 @@ def test_flat_output_bases_meet_budget_and_reject_bad_option(arch):
 def test_flat_error_split_meets_budget_and_never_prices_worse_than_uniform(arch, tmp_path):
     """``split="error"``: within every layer's budget, and FLAT's uniform pair is never priced lower."""
     from lrmath_hf.recipes import flat as flat_mod
+    from lrmath_hf.recipes import flat_output
 
     model = tiny_model(arch, dtype=torch.float64)
     spec = get_spec(model)
@@ -229,8 +230,8 @@ def test_flat_error_split_meets_budget_and_never_prices_worse_than_uniform(arch,
     w = 0.6
     layer_stats = stats.layers[0]
     w_o = model.model.layers[0].self_attn.o_proj.weight.detach().to(torch.float64)
-    bases = flat_mod._output_bases(spec, layer_stats.inputs["o"], w_o, spec.head_dim)
-    vo = flat_mod._value_output_losses(spec, layer_stats.inputs["o"], w_o, bases)
+    bases = flat_output._output_bases(spec, layer_stats.inputs["o"], w_o, spec.head_dim)
+    vo = flat_output._value_output_losses(spec, layer_stats.inputs["o"], w_o, bases)
     assert vo[-1] <= 1e-9 * vo[0] and torch.all(vo[1:] <= vo[:-1] * (1 + 1e-9))  # more dims, less error
     C = layer_stats.inputs["o"].second_moment().to(torch.float64)
     d = spec.head_dim
@@ -242,7 +243,7 @@ def test_flat_error_split_meets_budget_and_never_prices_worse_than_uniform(arch,
     down = layer_stats.inputs["down"]
     W_down = model.model.layers[0].mlp.down_proj.weight.detach()
     path = lrmath.nystrom_select(down.gram, 1, ridge=1e-3, method="obs", weight=W_down).path
-    r, k = flat_mod._error_split(spec, budget, vo, path, down.count)
+    r, k = flat_output._error_split(spec, budget, vo, path, down.count)
     n, d = spec.hidden_size, spec.head_dim
     used = (spec.num_heads + spec.num_kv_heads) * n * (d + r) + 3 * n * k
     assert used <= budget
