@@ -260,3 +260,31 @@ def test_flat_error_split_meets_budget_and_never_prices_worse_than_uniform(arch,
         lrmath_hf.compress(tiny_model(arch), batches, recipe="flat", ratio=0.3, progress=False, split="error")
     with pytest.raises(ValueError, match="split must"):
         lrmath_hf.compress(tiny_model(arch), batches, recipe="flat", ratio=0.3, progress=False, split="even")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flat_sequential_calibrates_each_layer_on_the_compressed_earlier_layers(arch):
+    """``sequential=True``: the kept fractions come from the dense importance, layer 0 sees dense inputs
+    (same result as the one-pass mode), and later layers see the compressed earlier layers (different)."""
+    model = tiny_model(arch, dtype=torch.float64)
+    batches = calibration()
+    options = dict(selection="obs", refit_o=True, v_basis="output", split="error")
+    one_pass, seq = copy.deepcopy(model), copy.deepcopy(model)
+    rep1 = lrmath_hf.compress(one_pass, batches, recipe="flat", ratio=0.3, progress=False, **options)
+    rep2 = lrmath_hf.compress(seq, batches, recipe="flat", ratio=0.3, progress=False, sequential=True, **options)
+    assert rep2.details["sequential"] is True
+    np.testing.assert_allclose(rep1.details["kept_fraction"], rep2.details["kept_fraction"], rtol=0, atol=1e-12)
+    assert rep1.ranks["0"] == rep2.ranks["0"]
+    first = [(a, b) for (a, b) in zip(one_pass.model.layers[0].parameters(), seq.model.layers[0].parameters())]
+    for a, b in first:
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    later = zip(one_pass.model.layers[1].parameters(), seq.model.layers[1].parameters())
+    assert any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in later)
+    assert abs(rep2.ratio_achieved - rep1.ratio_achieved) <= 0.05
+    logits = seq(input_ids=batches[0]).logits
+    assert torch.isfinite(logits).all()
+    stats = run_calibration(model, get_spec(model), batches, flat_plan(get_spec(model), qk=False, refit_o=True),
+                            progress=False)
+    with pytest.raises(ValueError, match="sequential"):
+        lrmath_hf.compress(copy.deepcopy(model), batches, recipe="flat", ratio=0.3, progress=False,
+                           sequential=True, stats=stats)

@@ -138,7 +138,7 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
 
 
 def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None, selection="leverage",
-         refit_o=False, v_basis="pca", split="uniform") -> RecipeResult:
+         refit_o=False, v_basis="pca", split="uniform", sequential=False) -> RecipeResult:
     if selection not in ("leverage", "obs"):
         raise ValueError(f"selection must be 'leverage' or 'obs', got {selection!r}")
     if v_basis not in ("pca", "output"):
@@ -148,19 +148,24 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
     if split == "error" and (qk or selection != "obs" or not refit_o):
         raise ValueError("split='error' prices the MLP by the obs elimination path and V/O by the "
                          "least-squares o_proj: it needs selection='obs', refit_o=True and qk=False")
+    if sequential and stats is not None:
+        raise ValueError("sequential=True takes each layer's statistics from the compressed earlier layers; "
+                         "it cannot reuse stats= from a dense calibration")
     needs_o = refit_o or v_basis == "output"
+    plan = flat_plan(spec, qk=qk, refit_o=needs_o)
     result = RecipeResult()
-    if stats is None:
+    if sequential:  # IPRS needs every layer's importance first: one dense pass that keeps only the cosines
+        with timer(result.timings, "importance"):
+            scored = run_calibration(model, spec, batches, CalibrationPlan(importance=True), progress=progress)
+    elif stats is None:
         with timer(result.timings, "calibration"):
-            stats = run_calibration(model, spec, batches, flat_plan(spec, qk=qk, refit_o=needs_o),
-                                    progress=progress)
-    if needs_o and any("o" not in s.inputs for s in stats.layers):
+            stats = run_calibration(model, spec, batches, plan, progress=progress)
+    if stats is not None and needs_o and any("o" not in s.inputs for s in stats.layers):
         raise ValueError("refit_o=True and v_basis='output' need the o_proj input statistic ('o'); "
                          "calibrate with flat_plan(spec, qk=..., refit_o=True)")
-    result.calibration_tokens = stats.tokens
     with timer(result.timings, "decisions"):
         mode = "reference" if paper else "paper"
-        importance = np.array([float(s.importance.value(mode)) for s in stats.layers])
+        importance = np.array([float(s.importance.value(mode)) for s in (scored if sequential else stats).layers])
         L = len(importance)
         if paper:
             if qk:
@@ -173,45 +178,54 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
             w = lrmath._backend.to_numpy(lrmath.iprs_allocate(importance, keep * L))
         else:
             w = _search_keep(importance, spec, ratio, qk)
-    with timer(result.timings, "surgery"):
-        for layer, layer_stats in enumerate(stats.layers):
-            head_rank, channels = _ranks(spec, float(w[layer]))
-            kept = priced = None
-            if split == "error":
-                budget = layer_parameters(spec, float(w[layer]), qk=False)
-                head_rank, channels, kept, priced = _split_layer(model, spec, layer, layer_stats, budget, ridge,
-                                                                  v_basis)
-            if head_rank < spec.head_dim:
-                pca = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank)
-                bases = pca.basis
-                # for the plots: the value spectrum summed over KV heads, with the kept head dim
-                result.spectra[f"{layer}.v"] = (lrmath._backend.to_numpy(pca.eigenvalues).sum(axis=0), head_rank)
-                w_o = weight64(get_linear(model, layer, "o", spec))
-                if priced is not None:  # the split already computed the nested bases
-                    bases = priced[..., :head_rank].to(device=w_o.device)
-                elif v_basis == "output":
-                    bases = _output_bases(spec, layer_stats.inputs["o"], w_o, head_rank).to(
-                        device=w_o.device)
-                fold_value_output(get_attention(model, layer, spec), spec, bases)
-                if refit_o:
-                    _refit_o(model, spec, layer, layer_stats.inputs["o"], w_o, torch.as_tensor(bases))
-            if qk and head_rank < spec.head_dim:
-                for role in ("q", "k"):
-                    _fold_qk(model, spec, layer, role, layer_stats.head_outputs[role], head_rank)
-            if channels < spec.intermediate_size:
-                _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge, selection, kept)
-            result.ranks[str(layer)] = {"kept_fraction": float(w[layer]), "head_rank": head_rank,
-                                        "mlp_channels": channels}
+
+    def compress_layer(layer: int, layer_stats) -> None:
+        head_rank, channels = _ranks(spec, float(w[layer]))
+        kept = priced = None
+        if split == "error":
+            budget = layer_parameters(spec, float(w[layer]), qk=False)
+            head_rank, channels, kept, priced = _split_layer(model, spec, layer, layer_stats, budget, ridge, v_basis)
+        if head_rank < spec.head_dim:
+            pca = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank)
+            bases = pca.basis
+            # for the plots: the value spectrum summed over KV heads, with the kept head dim
+            result.spectra[f"{layer}.v"] = (lrmath._backend.to_numpy(pca.eigenvalues).sum(axis=0), head_rank)
+            w_o = weight64(get_linear(model, layer, "o", spec))
+            if priced is not None:  # the split already computed the nested bases
+                bases = priced[..., :head_rank].to(device=w_o.device)
+            elif v_basis == "output":
+                bases = _output_bases(spec, layer_stats.inputs["o"], w_o, head_rank).to(device=w_o.device)
+            fold_value_output(get_attention(model, layer, spec), spec, bases)
+            if refit_o:
+                _refit_o(model, spec, layer, layer_stats.inputs["o"], w_o, torch.as_tensor(bases))
+        if qk and head_rank < spec.head_dim:
+            for role in ("q", "k"):
+                _fold_qk(model, spec, layer, role, layer_stats.head_outputs[role], head_rank)
+        if channels < spec.intermediate_size:
+            _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge, selection, kept)
+        result.ranks[str(layer)] = {"kept_fraction": float(w[layer]), "head_rank": head_rank,
+                                    "mlp_channels": channels}
+
+    if sequential:
+        with timer(result.timings, "calibration+surgery"):
+            stats = run_calibration(model, spec, batches, plan, progress=progress, sequential=True,
+                                    on_layer=compress_layer)
+    else:
+        with timer(result.timings, "surgery"):
+            for layer, layer_stats in enumerate(stats.layers):
+                compress_layer(layer, layer_stats)
+    result.calibration_tokens = stats.tokens
     result.details = {"importance": importance.tolist(), "kept_fraction": [float(x) for x in w],
                       "qk": qk, "ridge": ridge, "accounting": "paper" if paper else "exact",
-                      "selection": selection, "refit_o": refit_o, "v_basis": v_basis, "split": split}
+                      "selection": selection, "refit_o": refit_o, "v_basis": v_basis, "split": split,
+                      "sequential": sequential}
     return result
 
 
 @register("flat")
 def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True, qk: bool = False,
              ridge: float = 1e-3, selection: str = "leverage", refit_o: bool = False,
-             v_basis: str = "pca", split: str = "uniform", stats=None) -> RecipeResult:
+             v_basis: str = "pca", split: str = "uniform", sequential: bool = False, stats=None) -> RecipeResult:
     """FLAT-LLM with exact parameter accounting and a relative Nystrom ridge.
 
     Parameters
@@ -238,6 +252,12 @@ def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
         (V/O priced per head with least-squares ``o_proj`` blocks, the MLP by
         the elimination path of :func:`lrmath.nystrom_select`; FLAT's pair is
         one of the candidates). Needs ``selection="obs"``, ``refit_o=True``.
+    sequential : bool
+        Take each layer's statistics from the already-compressed earlier layers
+        (compress layer ``l``, then propagate the calibration through it). The
+        kept fractions still come from the dense model's importance, which one
+        extra forward pass (cosines only) measures first; about three forward
+        passes in all. Cannot be combined with ``stats``.
 
     Notes
     -----
@@ -245,7 +265,8 @@ def run_flat(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     dropped eigenvalues), Algorithm 1 (IPRS), appendix C (Nystrom MLP).
     """
     return _run(model, spec, batches, ratio=ratio, progress=progress, qk=qk, paper=False, ridge=ridge,
-                stats=stats, selection=selection, refit_o=refit_o, v_basis=v_basis, split=split)
+                stats=stats, selection=selection, refit_o=refit_o, v_basis=v_basis, split=split,
+                sequential=sequential)
 
 
 @register("flat-paper")
