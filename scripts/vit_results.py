@@ -44,7 +44,7 @@ import lrmath_hf
 import lrmath_hf.specs_vision  # noqa: F401  registers vit / deit / dinov2
 from lrmath_hf import data, evaluate, zoo
 from lrmath_hf.latency import default_cache_dir, device_name, time_models
-from lrmath_hf.recipes.flar import flar_statistics
+from lrmath_hf.recipes.flar import flar_statistics, merge_statistics
 from lrmath_hf.specs import get_spec
 from lrmath_hf.specs_vision import sync_mlp_width
 
@@ -70,8 +70,15 @@ METHODS = {
                       dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=False)),
     "flar-ref-slope-lat": ("FLAR: reference shrinkage, feature gain, equal slope, latency-aware", "flar",
                            dict(shrinkage="reference", criterion="feature", allocation="slope", latency_aware=True)),
-    "full": ("**full FLAR (default)**: Ledoit-Wolf, feature gain, equal slope, latency-aware", "flar",
-             dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=True)),
+    "flar-lw-slope-lat": ("FLAR: Ledoit-Wolf, feature gain, equal slope, latency-aware", "flar",
+                          dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=True)),
+    "flar-heldout-slope-lat": ("FLAR: held-out shrinkage (grid 0 .. 4 x LW), feature gain, equal slope, "
+                               "latency-aware", "flar",
+                               dict(shrinkage="heldout", heldout_grid=(0.0, 1 / 64, 1 / 16, 1 / 4, 1 / 2, 1.0, 2.0, 4.0),
+                                    criterion="feature", allocation="slope", latency_aware=True)),
+    "full": ("**full FLAR (default)**: held-out shrinkage (grid 0 .. 64 x LW), feature gain, equal slope, "
+             "latency-aware", "flar",
+             dict(shrinkage="heldout", criterion="feature", allocation="slope", latency_aware=True)),
 }
 
 
@@ -111,6 +118,9 @@ def summarise_details(report) -> dict:
     if d.get("shrinkage_intensity"):
         values = list(d["shrinkage_intensity"].values())
         out["intensity_mean"], out["intensity_max"] = float(np.mean(values)), float(np.max(values))
+        out["intensity"] = d["shrinkage_intensity"]
+    if d.get("heldout_multiple"):
+        out["heldout_multiple"] = d["heldout_multiple"]
     if "latency" in d:
         out["latency"] = {k: v for k, v in d["latency"].items() if k != "table"}
     out["dense_linears"] = sum(r == "dense" for r in report.ranks.values())
@@ -121,7 +131,8 @@ def run_setting(name, model, ratios, methods, results, save, *, batches, score, 
                 redo=False):
     spec = get_spec(model)
     t = time.perf_counter()
-    stats = flar_statistics(model, spec, batches)
+    folds = flar_statistics(model, spec, batches, folds=2)  # two disjoint halves; their merge is the whole
+    stats = merge_statistics(folds)
     shared = time.perf_counter() - t
     log(f"{name}: calibration statistics in {shared:.0f} s ({stats.tokens} tokens)")
     memo: dict = {}
@@ -131,8 +142,9 @@ def run_setting(name, model, ratios, methods, results, save, *, batches, score, 
                 continue  # measured by an earlier run (resume); --redo measures it again
             label, recipe, options = METHODS[method]
             compressed = copy.deepcopy(model)
-            extra = {} if recipe != "flar" else dict(statistics=stats, search_memo=memo, search_images=search_images,
-                                                      measure_latency=False)
+            heldout = options.get("shrinkage", "heldout") == "heldout"
+            extra = {} if recipe != "flar" else dict(statistics=folds if heldout else stats, search_memo=memo,
+                                                      search_images=search_images, measure_latency=False)
             report = lrmath_hf.compress(compressed, batches, recipe=recipe, ratio=ratio, progress=False,
                                         **options, **extra)
             timings = dict(report.timings)
@@ -197,8 +209,32 @@ def render(results: dict, meta: dict) -> str:
                     lines.append("| " + " | ".join(common + [f"{r['cls_cosine']:.4f}", f"{r['patch_cosine']:.4f}",
                                                             f"{r['relative_error']:.4f}"] + tail) + " |")
         lines += [""]
+    lines += _heldout_section(results)
     lines += ["## Target checks (computed from the rows above)", ""] + _checks(results, meta) + [""]
     return "\n".join(lines)
+
+
+def _heldout_section(results) -> list[str]:
+    """The multiples of the Ledoit-Wolf intensity that ``shrinkage="heldout"`` chose, per row."""
+    rows = [r for r in results.values() if r.get("heldout_multiple")]
+    if not rows:
+        return []
+    out = ["## Held-out shrinkage: the chosen multiples of the Ledoit-Wolf intensity", "",
+           "Per input group: the multiple `c` with the least 2-fold held-out error of the whitened truncation at "
+           "the uniform ranks (`flar.heldout_intensity`); the group's intensity is `c` times its Ledoit-Wolf "
+           "intensity. Layer 0 lists its groups (q+k+v, o, fc1, fc2).", "",
+           "| setting | method | ratio | multiples chosen (multiple: groups) | layer 0 | mean intensity |",
+           "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["setting"], r["method"], r["ratio"])):
+        chosen = r["heldout_multiple"]
+        counts = {}
+        for c in chosen.values():
+            counts[c] = counts.get(c, 0) + 1
+        first = [f"{chosen[k]:g}" for k in chosen if k.startswith("0.")]
+        out.append(f"| {r['setting']} | {r['method']} | {r['ratio']:g} | "
+                   + ", ".join(f"{c:g}: {n}" for c, n in sorted(counts.items())) + f" | {' / '.join(first)} | "
+                   f"{r.get('intensity_mean', float('nan')):.2e} |")
+    return out + [""]
 
 
 def _checks(results, meta) -> list[str]:
@@ -233,6 +269,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--redo", action="store_true", help="measure again what the JSON already holds")
+    parser.add_argument("--copy-rows", nargs=2, metavar=("FROM", "TO"),
+                        help="store the measured rows of method FROM also under method TO (same options, e.g. "
+                             "before the default changes), then render; recorded in the commands")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     stored = json.loads(args.json.read_text()) if args.json.is_file() else {"meta": {}, "results": {}}
@@ -243,6 +282,17 @@ def main(argv=None):
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
         args.out.write_text(render(results, meta))
 
+    if args.copy_rows:
+        source, target = args.copy_rows
+        if target not in METHODS:
+            parser.error(f"--copy-rows: unknown method {target!r}")
+        for key, row in list(results.items()):
+            if row["method"] == source:
+                results[f"{row['setting']}|{target}|{row['ratio']}"] = {**row, "method": target, "copied_from": source}
+        meta["commands"] = list(dict.fromkeys([*meta.get("commands", []), "python scripts/vit_results.py "
+                                               + " ".join(sys.argv[1:] if argv is None else argv)]))
+        save()
+        return
     if args.render_only:
         save()
         return

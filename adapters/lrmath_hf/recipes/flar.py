@@ -1,7 +1,8 @@
 """FLAR-SVD for ViT-family encoders: shrinkage whitening, rank search, measured-latency ranks.
 
-Input moments per shared-input group; shrinkage (:func:`lrmath.ledoit_wolf` by
-default); Cholesky whitening and ONE whitened SVD per linear (every candidate
+Input moments per shared-input group; shrinkage (by default ``"heldout"``: the
+Ledoit-Wolf intensity times the factor with the least 2-fold held-out truncation
+error, :func:`heldout_intensity`); Cholesky whitening and ONE whitened SVD per linear (every candidate
 rank is a slice of it); ranks (multiples of 8 below ``k_equiv``) from a criterion
 by FLAR's bisection + rescale or by equal marginal error per parameter; with
 ``latency_aware``, factorised only where measurably faster here.  See docs/vit.md.
@@ -17,7 +18,7 @@ import torch
 
 import lrmath
 
-from ..calibrate import _layer_output
+from ..calibrate import CalibrationResult, LayerStats, _layer_output
 from ..latency import LatencyTable, time_models
 from ..modules import FactorizedLinear
 from ..specs import ArchSpec, get_linear, iter_layers, set_linear
@@ -25,17 +26,62 @@ from ..specs_vision import final_norm
 from . import RecipeResult, register
 from .common import group_name, input_plan, run_calibration, timer, weight64
 
-__all__ = ["SHRINKAGE", "CRITERIA", "ALLOCATIONS", "run_flar", "flar_statistics", "shrunk_covariance",
+__all__ = ["SHRINKAGE", "CRITERIA", "ALLOCATIONS", "HELDOUT_GRID", "run_flar", "flar_statistics",
+           "fold_batches", "merge_statistics", "shrunk_covariance", "heldout_error", "heldout_intensity",
            "reference_intensity", "rescale_ranks", "slope_ranks"]
 
-SHRINKAGE = ("ledoit_wolf", "oas", "reference", "none")
+SHRINKAGE = ("heldout", "ledoit_wolf", "oas", "reference", "none")
+HELDOUT_GRID = (0.0, 1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0)  # multiples of the Ledoit-Wolf intensity
 CRITERIA = ("feature", "weight", "uniform")
 ALLOCATIONS = ("slope", "threshold")
 
 
-def flar_statistics(model, spec: ArchSpec, batches, *, progress: bool = False):
-    """Input moments of every shared-input group (reusable across ratios via ``statistics=``)."""
-    return run_calibration(model, spec, batches, input_plan(spec, importance=False), progress=progress)
+def flar_statistics(model, spec: ArchSpec, batches, *, folds: int = 1, progress: bool = False):
+    """Input moments of every shared-input group (reusable across ratios via ``statistics=``).
+
+    With ``folds > 1``, a list of ``folds`` results over the disjoint batch
+    subsets of :func:`fold_batches` (the same forward work as one call); their
+    :func:`merge_statistics` is the statistic of all batches, and
+    ``shrinkage="heldout"`` needs them.
+    """
+    if int(folds) != folds or folds < 1:
+        raise ValueError(f"folds must be a positive integer, got {folds!r}")
+    plan = input_plan(spec, importance=False)
+    if folds == 1:
+        return run_calibration(model, spec, batches, plan, progress=progress)
+    return [run_calibration(model, spec, part, plan, progress=progress) for part in fold_batches(batches, folds)]
+
+
+def fold_batches(batches, folds: int = 2) -> list[list]:
+    """Disjoint folds of the calibration: batch ``i`` goes to fold ``i % folds``.
+
+    With fewer batches than folds, the images of every batch are dealt out the same way.
+    """
+    batches = [b["pixel_values"] if isinstance(b, dict) else b for b in batches]
+    if len(batches) < folds:
+        batches = [image[None] for b in batches for image in b]
+    if len(batches) < folds:
+        raise ValueError(f"{len(batches)} calibration images cannot fill {folds} folds")
+    return [batches[i::folds] for i in range(folds)]
+
+
+def merge_statistics(parts) -> CalibrationResult:
+    """The statistic of all folds: every input group's ``Moments`` merged exactly (:meth:`lrmath.Moments.merge`)."""
+    parts = list(parts)
+    if not parts or any(len(p.layers) != len(parts[0].layers) for p in parts):
+        raise ValueError("merge_statistics needs one or more results over the same layers")
+    layers = []
+    for index, first in enumerate(parts[0].layers):
+        inputs = {}
+        for name, moments in first.inputs.items():
+            merged = moments.copy()
+            for part in parts[1:]:
+                merged.merge(part.layers[index].inputs[name])
+            inputs[name] = merged
+        layers.append(LayerStats(inputs=inputs))
+    return CalibrationResult(layers=layers, tokens=sum(p.tokens for p in parts),
+                             seconds=sum(p.seconds for p in parts), sequential=parts[0].sequential,
+                             world_size=parts[0].world_size)
 
 
 def reference_intensity(S: torch.Tensor) -> float:
@@ -58,9 +104,12 @@ def shrunk_covariance(moments: lrmath.Moments, shrinkage: Any = "ledoit_wolf", *
     """``((1 - s) S + s mu I, s)`` for one input group.
 
     ``shrinkage``: ``"ledoit_wolf"``, ``"oas"``, ``"reference"`` (:func:`reference_intensity`),
-    ``"none"`` or a fixed ``s`` in [0, 1].  ``S`` is the covariance (``center``) or
-    the uncentred second moment.  Returns a float64 ``(p, p)`` tensor and ``s``.
+    ``"none"`` or a fixed ``s`` in [0, 1] (``"heldout"`` needs folds: :func:`heldout_intensity`).
+    ``S`` is the covariance (``center``) or the uncentred second moment.  Returns a
+    float64 ``(p, p)`` tensor and ``s``.
     """
+    if shrinkage == "heldout":
+        raise ValueError('shrinkage="heldout" is chosen per group from fold statistics: use heldout_intensity')
     if shrinkage in ("ledoit_wolf", "oas"):
         res = (lrmath.ledoit_wolf if shrinkage == "ledoit_wolf" else lrmath.oas)(moments, assume_centered=not center)
         return res.covariance, float(res.shrinkage)
@@ -69,6 +118,149 @@ def shrunk_covariance(moments: lrmath.Moments, shrinkage: Any = "ledoit_wolf", *
         return S, 0.0
     s = reference_intensity(S) if shrinkage == "reference" else float(shrinkage)
     return lrmath.shrink(S, s), s
+
+
+def _fold_parts(moments: lrmath.Moments, center: bool):
+    """``(S, mu, m)``: float64 covariance (or second moment), ``tr S / p`` and mean (``None`` uncentred)."""
+    S = (moments.covariance() if center else moments.second_moment()).to(torch.float64)
+    S = (S + S.T) / 2
+    return S, float(torch.trace(S)) / S.shape[0], moments.mean.to(torch.float64) if center else None
+
+
+def heldout_error(weights, fit: lrmath.Moments, test: lrmath.Moments, intensities, ranks, *,
+                  center: bool = True) -> np.ndarray:
+    r"""Held-out output error of the whitened truncation fitted on ``fit``, for each intensity.
+
+    Parameters
+    ----------
+    weights : sequence of tensor
+        The linears ``W_j`` (``m_j x p``) that read this input group.
+    fit, test : lrmath.Moments
+        Input statistics the truncation is fitted on and scored on (disjoint data).
+    intensities : sequence of float
+        Shrinkage intensities ``s`` in [0, 1] applied to ``fit``'s statistic.
+    ranks : sequence of int
+        Rank of each linear.
+    center : bool
+        Centred covariance with the bias correction (as :func:`run_flar`), or the
+        uncentred second moment.
+
+    Returns
+    -------
+    numpy.ndarray
+        One error per intensity (float64).
+
+    Notes
+    -----
+    With :math:`C_s = (1 - s) S_{\mathrm{fit}} + s \mu I` and :math:`W C_s^{1/2} = U \Sigma V^\top`,
+    the whitened rank-``r`` truncation is :math:`W_r = U_r U_r^\top W` (any square root gives
+    the same :math:`U_r`), so :math:`W - W_r = (I - U_r U_r^\top) W` and
+
+    .. math::
+        e(s) = \sum_j \operatorname{tr}\big((W_j - W_{j,r_j}) T (W_j - W_{j,r_j})^\top\big)
+             = \sum_j \operatorname{tr}(W_j T W_j^\top) - \operatorname{tr}(U_{j,r}^\top W_j T W_j^\top U_{j,r}),
+
+    :math:`T = S_{\mathrm{test}} + d d^\top`, :math:`d = m_{\mathrm{test}} - m_{\mathrm{fit}}`
+    (the bias correction uses the fit's mean), or the test's second moment when
+    uncentred.  :math:`U_r` comes from the eigenvectors of the ``m x m``
+    :math:`(1 - s) W S W^\top + s \mu W W^\top` when ``m <= p``, otherwise from
+    :math:`W E \operatorname{diag}((1 - s)\lambda + s\mu)^{1/2}` with :math:`S = E \Lambda E^\top`.
+    """
+    S, mu, mean = _fold_parts(fit, center)
+    T, _, test_mean = _fold_parts(test, center)
+    if center:
+        d = test_mean - mean
+        T = T + torch.outer(d, d)
+    eig = None
+    out = np.zeros(len(intensities))
+    for W, r in zip(weights, ranks):
+        W = W.to(torch.float64)
+        m, p = W.shape
+        WT = W @ T
+        Q = WT @ W.T
+        total = float(torch.trace(Q))
+        if m <= p:
+            A, B = W @ S @ W.T, W @ W.T
+        elif eig is None:
+            eig = torch.linalg.eigh(S)
+        for i, s in enumerate(intensities):
+            if m <= p:
+                G = (1.0 - s) * A + (s * mu) * B
+                U = torch.linalg.eigh((G + G.T) / 2).eigenvectors[:, -r:]
+            else:
+                scale = torch.sqrt(torch.clamp((1.0 - s) * eig.eigenvalues + s * mu, min=0.0))
+                U = torch.linalg.svd(W @ (eig.eigenvectors * scale), full_matrices=False).U[:, :r]
+            out[i] += total - float(torch.sum(U * (Q @ U)))
+    return out
+
+
+def _check_grid(grid) -> list[float]:
+    try:
+        out = [float(c) for c in grid]
+    except (TypeError, ValueError):
+        raise ValueError(f"heldout grid must be a sequence of numbers, got {grid!r}") from None
+    if not out or any(not np.isfinite(c) or c < 0 for c in out):
+        raise ValueError(f"heldout grid must hold non-negative finite multiples, got {grid!r}")
+    return out
+
+
+def heldout_intensity(weights, folds, full: lrmath.Moments, ranks, *, grid=HELDOUT_GRID,
+                      center: bool = True) -> dict[str, Any]:
+    r"""Shrinkage intensity of one input group chosen by K-fold held-out truncation error.
+
+    Parameters
+    ----------
+    weights : sequence of tensor
+        The group's linears.
+    folds : sequence of lrmath.Moments
+        The group's statistics on K >= 2 disjoint parts of the calibration.
+    full : lrmath.Moments
+        The statistic of all of it (the folds' merge).
+    ranks : sequence of int
+        Representative rank of each linear (:func:`run_flar`: its uniform rank at the target ratio).
+    grid : sequence of float
+        Multiples ``c`` of the Ledoit-Wolf intensity to try (0 and 1 among them by default).
+    center : bool
+        As in :func:`heldout_error`.
+
+    Returns
+    -------
+    dict
+        ``intensity`` (for ``full``), ``multiple`` (the chosen ``c``),
+        ``ledoit_wolf`` (the full statistic's intensity), ``errors`` (summed over folds, per ``c``).
+
+    Notes
+    -----
+    Ledoit-Wolf's :math:`s_{LW}` minimises :math:`E\|C_s - \Sigma\|_F^2`, not the error
+    of the compression, and its rate (about :math:`\beta/\delta \propto 1/n`) assumes
+    independent rows, which tokens of one image are not.  Here fold ``k`` is fitted at
+    :math:`s = \min(1, c\, s_{LW}(\text{fit}_k))` with fit\ :sub:`k` = all folds but
+    ``k``, and scored on fold ``k`` by :func:`heldout_error`;
+
+    .. math::
+        c^* = \arg\min_{c \in \text{grid}} \sum_k e_k(c), \qquad
+        s = \min(1, c^*\, s_{LW}(\text{full})).
+
+    Scaling the Ledoit-Wolf intensity of each statistic (instead of one absolute
+    ``s``) carries its :math:`1/n` dependence from the folds to the full sample.
+    Ties go to the first grid value.
+    """
+    grid = _check_grid(grid)
+    folds = list(folds)
+    if len(folds) < 2:
+        raise ValueError(f"heldout_intensity needs at least 2 folds, got {len(folds)}")
+    errors = np.zeros(len(grid))
+    for k, test in enumerate(folds):
+        fit = None
+        for j, part in enumerate(folds):
+            if j != k:
+                fit = part.copy() if fit is None else fit.merge(part)
+        s_fit = float(lrmath.ledoit_wolf(fit, assume_centered=not center).shrinkage)
+        errors += heldout_error(weights, fit, test, [min(1.0, c * s_fit) for c in grid], ranks, center=center)
+    best = int(np.argmin(errors))
+    s_full = float(lrmath.ledoit_wolf(full, assume_centered=not center).shrinkage)
+    return {"intensity": min(1.0, grid[best] * s_full), "multiple": grid[best], "ledoit_wolf": s_full,
+            "errors": errors.tolist()}
 
 
 def _cost(ranks, shapes) -> int:
@@ -217,19 +409,25 @@ def _uniform_rank(m: int, n: int, ratio: float) -> int:
 
 @register("flar")
 def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True,
-             shrinkage: Any = "ledoit_wolf", criterion: str = "feature", allocation: str = "slope",
+             shrinkage: Any = "heldout", criterion: str = "feature", allocation: str = "slope",
              latency_aware: bool = True, center: bool = True, damping: float = 1e-6, multiple: int = 8,
              search_images: int = 16, latency_batch: int = 1, latency_margin: float = 0.05,
              latency_cache_dir: Any = None, latency_table: LatencyTable | None = None,
-             measure_latency: bool | None = None, statistics=None, search_memo: dict | None = None) -> RecipeResult:
+             measure_latency: bool | None = None, statistics=None, search_memo: dict | None = None,
+             heldout_grid=HELDOUT_GRID) -> RecipeResult:
     """FLAR-SVD (Thoma et al., CVPR 2025 Workshops) for ViT / DeiT / DINOv2 encoders.
 
     Parameters
     ----------
     ratio : float
         Fraction of the encoder linears' parameters to remove.
-    shrinkage : {"ledoit_wolf", "oas", "reference", "none"} or float
-        Intensity estimator (:func:`shrunk_covariance`); 1.0 gives plain SVD.
+    shrinkage : {"heldout", "ledoit_wolf", "oas", "reference", "none"} or float
+        Intensity estimator.  ``"heldout"`` (default): per input group, the
+        Ledoit-Wolf intensity times the multiple in ``heldout_grid`` with the
+        least 2-fold held-out error of the whitened truncation at the uniform
+        ranks of ``ratio`` (:func:`heldout_intensity`; the calibration is
+        accumulated in two folds, :func:`flar_statistics` ``folds=2``); the
+        others: :func:`shrunk_covariance`; 1.0 gives plain SVD.
     criterion : {"feature", "weight", "uniform"}
         ``e_l(r)``: final-feature NMSE with only linear ``l`` at rank ``r``; or
         ``1 - cos(W S, (W S)_r)``; or SVD-LLM's uniform ratio (no search).
@@ -252,10 +450,14 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
         Calibration images the ``feature`` criterion compares.
     measure_latency : bool, optional
         Time dense and compressed model end to end (default: ``latency_aware``).
-    statistics : CalibrationResult, optional
-        :func:`flar_statistics` of the same dense model (skips calibration).
+    statistics : CalibrationResult or list of CalibrationResult, optional
+        :func:`flar_statistics` of the same dense model (skips calibration); a
+        list is the folds of ``folds=2`` (merged by :func:`merge_statistics`),
+        which ``"heldout"`` needs.
     search_memo : dict, optional
         Criterion values shared by calls on the same dense model and calibration.
+    heldout_grid : sequence of float
+        Multiples of the Ledoit-Wolf intensity ``"heldout"`` chooses from.
 
     Notes
     -----
@@ -267,20 +469,39 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     if criterion not in CRITERIA or allocation not in ALLOCATIONS:
         raise ValueError(f"criterion must be in {CRITERIA} and allocation in {ALLOCATIONS}, "
                          f"got {criterion!r}, {allocation!r}")
-    if not (shrinkage in SHRINKAGE or (isinstance(shrinkage, (int, float)) and 0.0 <= shrinkage <= 1.0)):
+    if not (shrinkage in SHRINKAGE or (isinstance(shrinkage, (int, float)) and not isinstance(shrinkage, bool)
+                                       and 0.0 <= shrinkage <= 1.0)):
         raise ValueError(f"shrinkage must be one of {SHRINKAGE} or a number in [0, 1], got {shrinkage!r}")
+    heldout = shrinkage == "heldout"
+    if heldout:
+        _check_grid(heldout_grid)
+    if heldout and statistics is not None and not isinstance(statistics, (list, tuple)):
+        raise ValueError('shrinkage="heldout" needs fold statistics: pass flar_statistics(..., folds=2)')
     result, batches = RecipeResult(), list(batches)
     with timer(result.timings, "calibration"):
-        stats = statistics if statistics is not None else flar_statistics(model, spec, batches, progress=progress)
+        if statistics is None:
+            statistics = flar_statistics(model, spec, batches, folds=2 if heldout else 1, progress=progress)
+        folds = list(statistics) if isinstance(statistics, (list, tuple)) else None
+        stats = merge_statistics(folds) if folds is not None else statistics
     result.calibration_tokens = stats.tokens
     tokens_per_image = stats.tokens // sum(int(_pixels([b], 10**9).shape[0]) for b in batches)
 
     with timer(result.timings, "factorisation"):
-        linears, intensities, fallbacks = {}, {}, 0
+        linears, intensities, fallbacks, multiples = {}, {}, 0, {}
         for layer, layer_stats in enumerate(stats.layers):
             for group in spec.input_groups:
-                moments = layer_stats.inputs[group_name(group)]
-                C, intensities[f"{layer}.{group_name(group)}"] = shrunk_covariance(moments, shrinkage, center=center)
+                name = group_name(group)
+                moments = layer_stats.inputs[name]
+                if heldout:
+                    weights = [weight64(get_linear(model, layer, role, spec)) for role in group]
+                    choice = heldout_intensity(weights, [f.layers[layer].inputs[name] for f in folds], moments,
+                                               [_uniform_rank(*w.shape, ratio) for w in weights],
+                                               grid=heldout_grid, center=center)
+                    multiples[f"{layer}.{name}"] = choice["multiple"]
+                    C, intensities[f"{layer}.{name}"] = shrunk_covariance(moments, choice["intensity"],
+                                                                          center=center)
+                else:
+                    C, intensities[f"{layer}.{name}"] = shrunk_covariance(moments, shrinkage, center=center)
                 whitener = lrmath.whiten(C, method="cholesky", damping=damping)
                 fallbacks += whitener.fallback is not None
                 for role in group:
@@ -293,6 +514,8 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
                                "latency_aware": latency_aware, "center": center, "damping": damping,
                                "multiple": multiple, "shrinkage_intensity": intensities,
                                "whitening_fallbacks": fallbacks}
+    if heldout:
+        details["heldout_multiple"] = multiples
     caps, table = None, None
     if latency_aware:
         with timer(result.timings, "latency"):
@@ -306,7 +529,7 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
             details["latency_caps"] = {f"{m}x{n}": r for (m, n), r in fast.items()}
 
     with timer(result.timings, "search"):
-        memo_key = (str(shrinkage), center, damping, search_images)
+        memo_key = (str(shrinkage), tuple(intensities.values()), center, damping, search_images)
         final = _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, details,
                         search_images=search_images, multiple=multiple, memo=search_memo, memo_key=memo_key)
 
