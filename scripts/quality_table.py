@@ -144,7 +144,10 @@ def main(argv=None) -> int:
                 continue
             trial = copy.deepcopy(model)
             t0 = time.perf_counter()
-            get_recipe(name)(trial, spec, None, ratio=ratio, progress=False, stats=stats, **opts)
+            if opts.get("sequential"):  # calibrates on the compressed earlier layers: no shared statistics
+                get_recipe(name)(trial, spec, [w[None] for w in calib], ratio=ratio, progress=False, **opts)
+            else:
+                get_recipe(name)(trial, spec, None, ratio=ratio, progress=False, stats=stats, **opts)
             decide = time.perf_counter() - t0
             achieved = 1 - linear_parameters(trial, spec) / before
             ppl = perplexity(trial, evals, progress=False)
