@@ -119,7 +119,7 @@ def test_feature_search_finds_the_smallest_rank_under_the_threshold(dense):
 
 def test_search_memo_reuses_values_across_ratios(dense):
     memo = {}
-    # a fixed estimator: the same whitening at both ratios ("heldout" may choose per ratio; see below)
+    # a fixed estimator: the same whitening at both ratios ("heldout" may choose per ratio: not reused)
     first = _compress(copy.deepcopy(dense), 0.2, criterion="feature", allocation="threshold", search_memo=memo,
                       shrinkage="ledoit_wolf")
     second = _compress(copy.deepcopy(dense), 0.3, criterion="feature", allocation="threshold", search_memo=memo,
@@ -339,7 +339,8 @@ def test_heldout_intensity_picks_zero_when_the_folds_agree_and_shrinks_noise():
     full = folds[0].copy().merge(folds[1])
     choice = heldout_intensity(W, folds, full, [3])
     assert choice["multiple"] > 0 and choice["intensity"] > 0
-    assert choice["intensity"] == pytest.approx(min(1.0, choice["multiple"] * float(lrmath.ledoit_wolf(full).shrinkage)))
+    lw = float(lrmath.ledoit_wolf(full).shrinkage)
+    assert choice["intensity"] == pytest.approx(min(1.0, choice["multiple"] * lw))
     assert choice["errors"][HELDOUT_GRID.index(choice["multiple"])] == min(choice["errors"])
     with pytest.raises(ValueError, match="2 folds"):
         heldout_intensity(W, [same], same, [3])
@@ -347,10 +348,10 @@ def test_heldout_intensity_picks_zero_when_the_folds_agree_and_shrinks_noise():
         heldout_intensity(W, [same, same], same, [3], grid=[0.0, -1.0])
 
 
-def test_heldout_is_the_default_and_reports_its_choice(dense):
+def test_heldout_reports_its_choice(dense):
     model = copy.deepcopy(dense)
     spec = get_spec(model)
-    report = _compress(model, 0.3, criterion="weight")
+    report = _compress(model, 0.3, criterion="weight", shrinkage="heldout")
     assert report.details["shrinkage"] == "heldout"
     merged = merge_statistics(flar_statistics(dense, spec, _batches(), folds=2))
     multiples = report.details["heldout_multiple"]
@@ -360,8 +361,9 @@ def test_heldout_is_the_default_and_reports_its_choice(dense):
         lw = float(lrmath.ledoit_wolf(merged.layers[int(layer)].inputs[group]).shrinkage)
         assert c in HELDOUT_GRID
         assert report.details["shrinkage_intensity"][name] == pytest.approx(min(1.0, c * lw), rel=1e-6, abs=1e-12)
+    assert _compress(copy.deepcopy(dense), 0.3, criterion="weight").details["shrinkage"] == "ledoit_wolf"  # default
     # precomputed folds give the same compression as calibrating inside
-    again = _compress(copy.deepcopy(dense), 0.3, criterion="weight",
+    again = _compress(copy.deepcopy(dense), 0.3, criterion="weight", shrinkage="heldout",
                       statistics=flar_statistics(dense, spec, _batches(), folds=2))
     assert again.ranks == report.ranks and again.details["shrinkage_intensity"] == report.details["shrinkage_intensity"]
 
@@ -377,10 +379,10 @@ def test_search_memo_is_not_shared_between_whitenings(dense):
 def test_heldout_options_are_refused(dense):
     spec = get_spec(dense)
     with pytest.raises(ValueError, match="fold statistics"):
-        _compress(copy.deepcopy(dense), statistics=flar_statistics(dense, spec, _batches()))
+        _compress(copy.deepcopy(dense), shrinkage="heldout", statistics=flar_statistics(dense, spec, _batches()))
     for grid in ([], [-0.5], ["a"], None):
         with pytest.raises(ValueError, match="grid"):
-            _compress(copy.deepcopy(dense), heldout_grid=grid)
+            _compress(copy.deepcopy(dense), shrinkage="heldout", heldout_grid=grid)
     with pytest.raises(ValueError, match="heldout"):
         shrunk_covariance(lrmath.Moments(3).update(torch.randn(5, 3, dtype=F64)), "heldout")
     with pytest.raises(ValueError, match="shrinkage"):

@@ -1,8 +1,8 @@
 """FLAR-SVD for ViT-family encoders: shrinkage whitening, rank search, measured-latency ranks.
 
-Input moments per shared-input group; shrinkage (by default ``"heldout"``: the
-Ledoit-Wolf intensity times the factor with the least 2-fold held-out truncation
-error, :func:`heldout_intensity`); Cholesky whitening and ONE whitened SVD per linear (every candidate
+Input moments per shared-input group; shrinkage (:func:`lrmath.ledoit_wolf` by
+default; ``"heldout"``: the Ledoit-Wolf intensity times the factor with the least
+2-fold held-out truncation error, :func:`heldout_intensity`); Cholesky whitening and ONE whitened SVD per linear (every candidate
 rank is a slice of it); ranks (multiples of 8 below ``k_equiv``) from a criterion
 by FLAR's bisection + rescale or by equal marginal error per parameter; with
 ``latency_aware``, factorised only where measurably faster here.  See docs/vit.md.
@@ -409,7 +409,7 @@ def _uniform_rank(m: int, n: int, ratio: float) -> int:
 
 @register("flar")
 def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True,
-             shrinkage: Any = "heldout", criterion: str = "feature", allocation: str = "slope",
+             shrinkage: Any = "ledoit_wolf", criterion: str = "feature", allocation: str = "slope",
              latency_aware: bool = True, center: bool = True, damping: float = 1e-6, multiple: int = 8,
              search_images: int = 16, latency_batch: int = 1, latency_margin: float = 0.05,
              latency_cache_dir: Any = None, latency_table: LatencyTable | None = None,
@@ -422,7 +422,7 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     ratio : float
         Fraction of the encoder linears' parameters to remove.
     shrinkage : {"heldout", "ledoit_wolf", "oas", "reference", "none"} or float
-        Intensity estimator.  ``"heldout"`` (default): per input group, the
+        Intensity estimator (default ``"ledoit_wolf"``).  ``"heldout"``: per input group, the
         Ledoit-Wolf intensity times the multiple in ``heldout_grid`` with the
         least 2-fold held-out error of the whitened truncation at the uniform
         ranks of ``ratio`` (:func:`heldout_intensity`; the calibration is
