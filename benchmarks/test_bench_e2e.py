@@ -285,7 +285,6 @@ def variant(request, e2e_cases):
     model = copy.deepcopy(case["model"])
     report = lrmath_hf.compress(model, case["batches"], recipe=DEFAULT_RECIPE, ratio=ratio, progress=False,
                                 stats=case["stats"])
-    report.options.pop("stats", None)
     model.eval()
     facts = _model_facts(model.to("cpu"), case["tmp"].mktemp(f"auto-{ratio}") / "model")
     model = model.to(case["device"])

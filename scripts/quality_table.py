@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         return 0
 
     start = time.perf_counter()
-    stats = run_calibration(model, spec, [w[None] for w in calib], union_plan(spec), progress=False)
+    batches = [w[None] for w in calib]
+    stats = run_calibration(model, spec, batches, union_plan(spec), progress=False)
     print(f"union calibration {time.perf_counter() - start:.1f} s", flush=True)
     before = linear_parameters(model, spec)
     commands = list(dict.fromkeys([*(old.get("commands", [old["command"]]) if old is not None else []),
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
             trial = copy.deepcopy(model)
             t0 = time.perf_counter()
             if opts.get("sequential"):  # calibrates on the compressed earlier layers: no shared statistics
-                get_recipe(name)(trial, spec, [w[None] for w in calib], ratio=ratio, progress=False, **opts)
+                get_recipe(name)(trial, spec, batches, ratio=ratio, progress=False, **opts)
             else:
                 get_recipe(name)(trial, spec, None, ratio=ratio, progress=False, stats=stats, **opts)
             decide = time.perf_counter() - t0

@@ -245,7 +245,6 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
                 report = compress(trial, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
                                   calibration_source=source)
             if options and stats is not None:
-                report.options.pop("stats", None)
                 report.timings["calibration_shared"] = calib_seconds
                 report.calibration["shared_across_ratios"] = ratios
             after = _measure(trial, tokenizer, eval_windows, args)

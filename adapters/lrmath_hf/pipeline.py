@@ -163,7 +163,8 @@ def compress(model: nn.Module, calibration: Iterable | str | torch.Tensor, *, re
         timings=timings,
         calibration={"batches": len(batches), "tokens": outcome.calibration_tokens or _tokens(batches),
                      "source": calibration_source},
-        options=options,
+        # precomputed statistics (``stats=``) are data, not a setting: the report records the settings only
+        options={k: v for k, v in options.items() if k != "stats"},
         details=outcome.details,
         versions=_versions(),
         spectra=outcome.spectra,

@@ -1,6 +1,7 @@
 """Recipes on tiny llama / mistral / qwen2: exact at full rank, budgets met, save/reload, generate."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -288,3 +289,15 @@ def test_flat_sequential_calibrates_each_layer_on_the_compressed_earlier_layers(
     with pytest.raises(ValueError, match="sequential"):
         lrmath_hf.compress(copy.deepcopy(model), batches, recipe="flat", ratio=0.3, progress=False,
                            sequential=True, stats=stats)
+
+
+def test_precomputed_statistics_are_not_recorded_as_an_option():
+    """``compress(..., stats=...)``: the report keeps the settings, not the statistics object."""
+    model = tiny_model("llama", dtype=torch.float64)
+    spec = get_spec(model)
+    batches = calibration()
+    stats = run_calibration(model, spec, batches, flat_plan(spec, qk=False, refit_o=True), progress=False)
+    report = lrmath_hf.compress(copy.deepcopy(model), batches, recipe="flat", ratio=0.3, progress=False,
+                                stats=stats, selection="obs")
+    assert report.options == {"selection": "obs"}
+    assert "stats" not in json.loads(report.to_json())["options"]
