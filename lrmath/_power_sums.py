@@ -65,14 +65,11 @@ def _low_precision_sums(x, xp, work):
     are centred about ``c`` in that dtype (``z = x - c``, each entry rounded
     once, as the float64 path rounds ``y`` before its low-precision Gram), and
     the power sums of ``z`` (``Z_2 = \sum z z^T``, ``R_k = \|z_k\|^2``,
-    ``Z_3 = \sum R_k z_k``) run in that dtype; with ``\delta = m - c``,
-    ``\sum z = n \delta``, they move exactly to the mean (``y = z - \delta``):
-
-    .. math::
-        M_2 &= Z_2 - n \delta\delta^\top \\
-        M_3 &= Z_3 - 2 Z_2 \delta - (\operatorname{tr} Z_2) \delta + 2 n \|\delta\|^2 \delta \\
-        M_4 &= Z_4 + 4 \delta^\top Z_2 \delta - 4 \delta^\top Z_3
-               + 2 \|\delta\|^2 \operatorname{tr} Z_2 - 3 n \|\delta\|^4 .
+    ``Z_3 = \sum R_k z_k``, ``Z_4 = \sum R_k^2``) run in that dtype. With
+    ``\delta = m - c`` the rows ``y = z - \delta`` sum to zero and ``z = y + \delta``,
+    so the sums of ``z`` are those of ``y`` shifted by ``\delta`` (:func:`_shift`),
+    which inverts exactly: ``M_2 = Z_2 - n \delta\delta^T``, then ``M_3`` and ``M_4``
+    by subtracting the shift's terms (``M_4``'s uses ``M_3``).
 
     No float64 copy of the batch is made (the mean's float64 column sums read
     ``x`` as it is), which removes about half of the statistics' overhead on
@@ -88,13 +85,10 @@ def _low_precision_sums(x, xp, work):
     z3 = xp.astype((r[..., None, :] @ z)[..., 0, :], work)
     r = xp.astype(r, work)
     z4 = xp.vecdot(r, r, axis=-1)
-    z2d = (z2 @ delta[..., :, None])[..., 0]
-    tr = xp.linalg.trace(z2)
-    dd = xp.sum(delta * delta, axis=-1)
     m2 = z2 - n * (delta[..., :, None] * delta[..., None, :])
-    m3 = z3 - 2.0 * z2d - tr[..., None] * delta + (2.0 * n * dd)[..., None] * delta
-    m4 = (z4 + 4.0 * xp.sum(delta * z2d, axis=-1) - 4.0 * xp.sum(delta * z3, axis=-1)
-          + 2.0 * dd * tr - 3.0 * n * dd * dd)
+    zero3, zero4 = xp.zeros_like(z3), xp.zeros_like(z4)
+    m3 = z3 - _shift(n, m2, zero3, zero4, delta, xp)[0]
+    m4 = z4 - _shift(n, m2, m3, zero4, delta, xp)[1]
     return mean, m2, m3, m4
 
 
