@@ -282,16 +282,14 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
             for group in spec.input_groups:
                 name = group_name(group)
                 moments = layer_stats.inputs[name]
+                estimator = shrinkage
                 if heldout:
                     weights = [weight64(get_linear(model, layer, role, spec)) for role in group]
                     choice = heldout_intensity(weights, [f.layers[layer].inputs[name] for f in folds], moments,
                                                [_uniform_rank(*w.shape, ratio) for w in weights],
                                                grid=heldout_grid, center=center)
-                    multiples[f"{layer}.{name}"] = choice["multiple"]
-                    C, intensities[f"{layer}.{name}"] = shrunk_covariance(moments, choice["intensity"],
-                                                                          center=center)
-                else:
-                    C, intensities[f"{layer}.{name}"] = shrunk_covariance(moments, shrinkage, center=center)
+                    multiples[f"{layer}.{name}"], estimator = choice["multiple"], choice["intensity"]
+                C, intensities[f"{layer}.{name}"] = shrunk_covariance(moments, estimator, center=center)
                 whitener = lrmath.whiten(C, method="cholesky", damping=damping)
                 fallbacks += whitener.fallback is not None
                 for role in group:
