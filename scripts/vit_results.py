@@ -44,7 +44,7 @@ import lrmath_hf
 import lrmath_hf.specs_vision  # noqa: F401  registers vit / deit / dinov2
 from lrmath_hf import data, evaluate, zoo
 from lrmath_hf.latency import default_cache_dir, device_name, time_models
-from lrmath_hf.recipes.flar import flar_statistics, merge_statistics
+from lrmath_hf.recipes.flar import HELDOUT_GRID, flar_statistics, merge_statistics
 from lrmath_hf.specs import get_spec
 from lrmath_hf.specs_vision import sync_mlp_width
 
@@ -77,7 +77,7 @@ METHODS = {
                                     criterion="feature", allocation="slope", latency_aware=True)),
     "flar-heldout64-slope-lat": ("FLAR: held-out shrinkage (grid 0 .. 64 x LW), feature gain, equal slope, "
                                  "latency-aware", "flar",
-                                 dict(shrinkage="heldout", heldout_grid=(0.0, 1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0),
+                                 dict(shrinkage="heldout", heldout_grid=HELDOUT_GRID,
                                       criterion="feature", allocation="slope", latency_aware=True)),
     "full": ("**full FLAR (default)**: Ledoit-Wolf, feature gain, equal slope, latency-aware", "flar",
              dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=True)),
@@ -144,7 +144,7 @@ def run_setting(name, model, ratios, methods, results, save, *, batches, score, 
                 continue  # measured by an earlier run (resume); --redo measures it again
             label, recipe, options = METHODS[method]
             compressed = copy.deepcopy(model)
-            heldout = options.get("shrinkage", "heldout") == "heldout"
+            heldout = options.get("shrinkage") == "heldout"  # absent: run_flar's default, Ledoit-Wolf
             extra = {} if recipe != "flar" else dict(statistics=folds if heldout else stats, search_memo=memo,
                                                       search_images=search_images, measure_latency=False)
             report = lrmath_hf.compress(compressed, batches, recipe=recipe, ratio=ratio, progress=False,
