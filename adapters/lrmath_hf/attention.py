@@ -26,6 +26,15 @@ yields ``(..., G, r)`` heads instead.  Any other operation on the tagged tensor
 returns a plain tensor.  A forward pre-hook on the attention module re-installs
 the tag if ``v_proj`` is replaced later.  No decoder code is copied; the full-rank
 tests compare against the unmodified model.
+
+Fused kernels (SDPA's flash path on CPU and CUDA, FlashAttention) need one
+head dim for queries, keys and values, so with ``r < d_h`` SDPA silently falls
+back to its unfused math path (on SmolLM2-135M that made a prefill slower than
+the dense model's).  A reduced attention module therefore sees its config
+through :class:`_ValueConfig`, which routes every non-eager implementation to
+:func:`_padded_value_attention`: the values are zero-padded to ``d_h`` after
+the cache (which keeps ``r``), the model's own implementation runs, and the
+padding's output columns, which are exactly zero, are dropped.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .specs import ArchSpec, get_spec, iter_layers
 
@@ -113,6 +123,58 @@ def _remove_hooks(attn: nn.Module) -> None:
         del hooks[key]
 
 
+_PADDED = "lrmath_padded_value"
+_UNPADDED = (None, "eager", "paged|eager")  # implementations that take any value head dim
+
+
+def _padded_value_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """The model's attention implementation with ``r``-dim values zero-padded to the query head dim.
+
+    ``softmax(q k^T) [V, 0] = [softmax(q k^T) V, 0]``, so the first ``r``
+    output columns are the reduced attention and the rest are dropped.
+    """
+    implementation = module.config._lrmath_config._attn_implementation
+    rank, head_dim = value.shape[-1], query.shape[-1]
+    if rank < head_dim:
+        value = torch.nn.functional.pad(value, (0, head_dim - rank))
+    output, weights = ALL_ATTENTION_FUNCTIONS[implementation](module, query, key, value, attention_mask, **kwargs)
+    return output[..., :rank], weights
+
+
+AttentionInterface.register(_PADDED, _padded_value_attention)
+
+
+class _ValueConfig:
+    """A reduced attention module's view of the model config.
+
+    Reads and writes go to the model's config, so a later
+    ``model.set_attn_implementation`` still applies; only
+    ``_attn_implementation`` differs: fused implementations are routed
+    through :func:`_padded_value_attention`.
+    """
+
+    __slots__ = ("_lrmath_config",)
+
+    def __init__(self, config: Any) -> None:
+        object.__setattr__(self, "_lrmath_config", config)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "_lrmath_config"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_lrmath_config":  # copy / unpickle restore the slot
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._lrmath_config, name, value)
+
+    @property
+    def _attn_implementation(self) -> str | None:
+        implementation = self._lrmath_config._attn_implementation
+        return implementation if implementation in _UNPADDED else _PADDED
+
+
 def _head_counts(attn_module: nn.Module) -> tuple[int, int]:
     # Query heads H and key/value heads G, from the module's own config.
     config = attn_module.config
@@ -139,9 +201,10 @@ def set_value_head_dim(attn_module: nn.Module, value_head_dim: int) -> None:
 
     Notes
     -----
-    Sets the attribute ``value_head_dim`` and installs the hooks described in
-    the module docstring.  Idempotent.  :func:`fold_value_output` calls it;
-    call it directly only when rebuilding a reduced model from its parts.
+    Sets the attribute ``value_head_dim``, installs the hooks described in
+    the module docstring and the config view that keeps fused attention.
+    Idempotent.  :func:`fold_value_output` calls it; call it directly only
+    when rebuilding a reduced model from its parts.
     """
     head_dim = int(attn_module.head_dim)
     value_head_dim = int(value_head_dim)
@@ -156,11 +219,14 @@ def set_value_head_dim(attn_module: nn.Module, value_head_dim: int) -> None:
             f"({num_kv_heads} value heads, {num_heads} query heads)"
         )
     _remove_hooks(attn_module)
+    if isinstance(attn_module.config, _ValueConfig):
+        attn_module.config = attn_module.config._lrmath_config
     if value_head_dim == head_dim:
         if "value_head_dim" in vars(attn_module):
             del attn_module.value_head_dim
         return
     attn_module.value_head_dim = value_head_dim
+    attn_module.config = _ValueConfig(attn_module.config)
     attn_module.register_forward_pre_hook(_ensure_value_tag)
     _ensure_value_tag(attn_module, ())
 

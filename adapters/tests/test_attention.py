@@ -178,11 +178,52 @@ def test_replacing_v_proj_after_fold_keeps_reduced_heads():
     assert torch.equal(copied(ids).logits, reference)
 
 
+def _attention_ops(model, ids):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(ids)
+    return {event.key for event in prof.key_averages() if "dot_product" in event.key or "softmax" in event.key}
+
+
+@pytest.mark.skipif("sdpa" not in IMPLEMENTATIONS, reason="this transformers has no SDPA attention")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reduced_values_keep_the_fused_sdpa_kernel(arch):
+    """Fused SDPA needs one head dim for q, k, v; padding the values keeps the reduced layers on it.
+
+    Without the padding, SDPA falls back to its unfused math path (``aten::_softmax``),
+    which made a reduced SmolLM2 prefill slower than the dense model's.
+    """
+    model = tiny_model(arch, attn_implementation="sdpa")
+    ids = token_batch(length=11)
+    dense_ops = _attention_ops(model, ids)
+    assert not any("softmax" in op for op in dense_ops)
+    _fold_all(model, rank=3)
+    assert _attention_ops(model, ids) == dense_ops
+
+
+def test_reduced_attention_follows_the_model_config():
+    """The per-module config view reads and writes through to the model's config."""
+    model = tiny_model("llama", attn_implementation="sdpa")
+    ids = token_batch(length=11)
+    _fold_all(model, rank=3)
+    attn = get_attention(model, 0)
+    assert attn.config.hidden_size == model.config.hidden_size
+    assert attn.config._attn_implementation != "sdpa"  # routed through the padding wrapper
+    sdpa_logits = model(ids).logits
+    copied = copy.deepcopy(model)
+    model.set_attn_implementation("eager")
+    assert attn.config._attn_implementation == "eager"
+    assert any("softmax" in op for op in _attention_ops(model, ids))
+    assert _rel(model(ids).logits, sdpa_logits) < 1e-6  # eager attention takes its softmax in float32
+    assert torch.equal(copied(ids).logits, sdpa_logits)  # the copy keeps its own view of its own config
+    assert copied.model.layers[0].self_attn.config._lrmath_config is copied.config
+
+
 def test_set_value_head_dim_back_to_full_removes_hooks():
     model = tiny_model("llama")
     attn = get_attention(model, 0)
     set_value_head_dim(attn, attn.head_dim)
     assert not attn._forward_pre_hooks and not attn.v_proj._forward_hooks
+    assert attn.config is model.config
     spec = get_spec(model)
     fold_value_output(attn, spec, _orthogonal_bases(spec, 6, 0))
     assert attn._forward_pre_hooks and get_value_head_dim(attn) == 6
