@@ -263,6 +263,32 @@ def test_flat_error_split_meets_budget_and_never_prices_worse_than_uniform(arch,
         lrmath_hf.compress(tiny_model(arch), batches, recipe="flat", ratio=0.3, progress=False, split="even")
 
 
+@pytest.mark.parametrize("multiple", [8, 24])
+def test_channel_multiple_rounds_mlp_widths_and_keeps_the_ratio(multiple):
+    """``channel_multiple``: every reduced MLP width is a multiple (``auto`` uses 8, for aligned CPU GEMMs),
+    the rounded widths are what the budget counts, and the error split still picks within the layer budget."""
+    from lrmath_hf.recipes import flat as flat_mod
+
+    model = tiny_model("llama", dtype=torch.float64)
+    spec = get_spec(model)
+    batches = calibration()
+    for ratio in (0.2, 0.45):
+        compressed = copy.deepcopy(model).float()
+        report = lrmath_hf.compress(compressed, batches, recipe="auto", ratio=ratio, progress=False,
+                                    channel_multiple=multiple)
+        widths = [layer.mlp.down_proj.in_features for layer in compressed.model.layers]
+        assert all(w % multiple == 0 or w == spec.intermediate_size for w in widths), widths
+        assert ratio - 1e-9 <= report.ratio_achieved <= ratio + 0.15, report.ratio_achieved
+        assert [report.ranks[str(i)]["mlp_channels"] for i in range(spec.num_layers)] == widths
+    for w in np.linspace(0.05, 0.99, 23):
+        r, k = flat_mod._ranks(spec, float(w), multiple)
+        assert k % multiple == 0 or k == spec.intermediate_size
+        assert flat_mod._ranks(spec, float(w))[1] - multiple < k  # rounded down by less than one multiple
+    with pytest.raises(ValueError, match="channel_multiple"):
+        lrmath_hf.compress(tiny_model("llama"), batches, recipe="auto", ratio=0.3, progress=False,
+                           channel_multiple=0)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_flat_sequential_calibrates_each_layer_on_the_compressed_earlier_layers(arch):
     """``sequential=True``: the kept fractions come from the dense importance, layer 0 sees dense inputs

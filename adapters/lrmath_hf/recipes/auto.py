@@ -152,8 +152,9 @@ def run_global(model, spec: ArchSpec, batches, *, ratio: float, progress: bool =
 @register("auto")
 def run_auto(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = True, **options) -> RecipeResult:
     """The measured-best recipe: ``flat`` with ``selection="obs"``, ``refit_o=True``, ``v_basis="output"``,
-    ``split="error"``; ``options`` override."""
-    options = {"selection": "obs", "refit_o": True, "v_basis": "output", "split": "error", **options}
+    ``split="error"``, ``channel_multiple=8``; ``options`` override."""
+    options = {"selection": "obs", "refit_o": True, "v_basis": "output", "split": "error", "channel_multiple": 8,
+               **options}
     result = run_flat(model, spec, batches, ratio=ratio, progress=progress, **options)
     result.details["auto"] = {"recipe": "flat", **{k: v for k, v in options.items() if k != "stats"}}
     return result

@@ -104,12 +104,14 @@ def _value_output_losses(spec: ArchSpec, moments, w_o: torch.Tensor, bases: torc
     return torch.cat([torch.tensor([total], dtype=torch.float64), (total - kept).clamp_min(0.0)])
 
 
-def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, tokens: int) -> tuple[int, int]:
+def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, tokens: int,
+                 channel_multiple: int = 1) -> tuple[int, int]:
     """The (value head dim, MLP channels) within a layer's parameter budget with the least summed error.
 
     Both errors are in the residual stream, per token: ``vo_loss[r]`` from
     :func:`_value_output_losses`, the MLP's from the elimination path
-    (interpolated between its rounds).
+    (interpolated between its rounds). Channel counts below the MLP width
+    are rounded down to ``channel_multiple``.
     """
     d, f = spec.head_dim, spec.intermediate_size
     fixed, per_rank, per_channel = _split_costs(spec)
@@ -118,6 +120,8 @@ def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, token
     best = None
     for r in range(1, d + 1):
         k = min(f, (budget - fixed - per_rank * r) // per_channel)
+        if k < f:
+            k = k // channel_multiple * channel_multiple
         if k < max(1, counts[0]):
             continue
         err = float(vo_loss[r]) + float(np.interp(k, counts, objective))
@@ -128,13 +132,15 @@ def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, token
     return best[1], best[2]
 
 
-def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, budget: int, ridge: float, v_basis: str):
+def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, budget: int, ridge: float, v_basis: str,
+                 channel_multiple: int = 1):
     """``split="error"``: one layer's head dim and channels within ``budget`` parameters (its IPRS share), the kept MLP channels
     (ascending), and the nested value bases (G, d_h, d_h) it priced (their first ``r`` columns are the
     rank-``r`` bases)."""
     d = spec.head_dim
     fixed, per_rank, per_channel = _split_costs(spec)
-    k_min = max(1, min(spec.intermediate_size, (budget - fixed - per_rank * d) // per_channel))
+    k_min = min(spec.intermediate_size, (budget - fixed - per_rank * d) // per_channel)
+    k_min = max(1, k_min // channel_multiple * channel_multiple)
     w_o = weight64(get_linear(model, layer, "o", spec)).cpu()
     if v_basis == "output":
         bases = _output_bases(spec, layer_stats.inputs["o"], w_o, d)
@@ -146,7 +152,7 @@ def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, budget: int, ri
     # one elimination down to the smallest count any split can use prices every count above it
     path = lrmath.obs_path(down_stats.gram, k_min, ridge=ridge, weight=weight,
                            psd_rtol=gram_psd_rtol(down_stats.gram.shape[-1]))
-    head_rank, channels = _error_split(spec, budget, vo_loss, path, down_stats.count)
+    head_rank, channels = _error_split(spec, budget, vo_loss, path, down_stats.count, channel_multiple)
     removed = lrmath._backend.to_numpy(path.removed)[: spec.intermediate_size - channels]
     kept = np.setdiff1d(np.arange(spec.intermediate_size), removed)  # ascending
     return head_rank, channels, kept, bases
