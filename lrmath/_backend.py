@@ -85,6 +85,21 @@ def as_work(x, xp=None):
     return x if x.dtype == dt else xp.astype(x, dt)
 
 
+def add_outer(a, u, alpha, xp):
+    """``a += alpha u u^T`` over the last two axes, in place; returns ``a``.
+
+    Only for arrays the caller has just created (an in-place update of an
+    array the user can see, or of a torch inference tensor, would be wrong).
+    Unbatched torch uses ``addr_`` (no temporary); others form one outer product.
+    """
+    if is_torch(xp) and a.ndim == 2:
+        return a.addr_(u, u, alpha=float(alpha))
+    outer = u[..., :, None] * u[..., None, :]
+    outer *= alpha
+    a += outer
+    return a
+
+
 def gram(y, xp=None):
     """``y^T y`` over the last two axes (``(..., n, d) -> (..., d, d)``), symmetric.
 

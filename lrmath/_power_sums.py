@@ -6,7 +6,7 @@ A state is ``(count, mean, M2, M3, M4)`` with the sums taken about the mean:
 
 from __future__ import annotations
 
-from ._backend import as_work, gram, is_torch, sum_rows
+from ._backend import add_outer, as_work, device_of, gram, is_torch, sum_rows, work_dtype
 
 
 def _centred_sums(x, xp, gram_dtype=None):
@@ -19,9 +19,10 @@ def _centred_sums(x, xp, gram_dtype=None):
     ``_HOST_CHUNK`` rows at a time, each chunk's Gram, norms and third sum
     taken while it is in cache (no n x d centred copy).
     """
+    work = work_dtype(xp, device_of(x))
+    if gram_dtype is not None and x.dtype == gram_dtype and x.dtype != work:
+        return _low_precision_sums(x, xp, work)  # before any float64 copy of x is made
     w = as_work(x, xp)
-    if gram_dtype is not None and x.dtype == gram_dtype and w is not x:
-        return _low_precision_sums(x, xp, w.dtype)
     mean = xp.mean(w, axis=-2)
     if w is not x:  # our own copy: centre in place (one n x d allocation fewer)
         w -= mean[..., None, :]
@@ -81,14 +82,17 @@ def _low_precision_sums(x, xp, work):
     z = x - c[..., None, :]
     delta = mean - xp.astype(c, work)
     r = xp.vecdot(z, z, axis=-1)
-    z2 = xp.astype(gram(z, xp), work)
+    m2 = add_outer(xp.astype(gram(z, xp), work), delta, -n, xp)  # fresh: updated in place
     z3 = xp.astype((r[..., None, :] @ z)[..., 0, :], work)
     r = xp.astype(r, work)
     z4 = xp.vecdot(r, r, axis=-1)
-    m2 = z2 - n * (delta[..., :, None] * delta[..., None, :])
-    zero3, zero4 = xp.zeros_like(z3), xp.zeros_like(z4)
-    m3 = z3 - _shift(n, m2, zero3, zero4, delta, xp)[0]
-    m4 = z4 - _shift(n, m2, m3, zero4, delta, xp)[1]
+    # _shift's terms inverted, with the one matrix-vector product they share
+    m2d = (m2 @ delta[..., :, None])[..., 0]
+    dd = xp.sum(delta * delta, axis=-1)
+    tr = xp.linalg.trace(m2)
+    m3 = z3 - (2.0 * m2d + (tr + n * dd)[..., None] * delta)
+    m4 = z4 - (4.0 * xp.sum(delta * m3, axis=-1) + 4.0 * xp.sum(delta * m2d, axis=-1) + 2.0 * dd * tr
+               + n * (dd * dd))
     return mean, m2, m3, m4
 
 
@@ -129,7 +133,7 @@ def _merge(a, b, xp):
     da = (-nb / n) * gap
     db = (na / n) * gap
     mean = a[1] + (nb / n) * gap
-    m2 = a[2] + b[2] + (na * nb / n) * (gap[..., :, None] * gap[..., None, :])
+    m2 = add_outer(a[2] + b[2], gap, na * nb / n, xp)  # one d x d allocation
     a3, a4 = _shift(na, *a[2:], da, xp)
     b3, b4 = _shift(nb, *b[2:], db, xp)
     return (n, mean, m2, a3 + b3, a4 + b4)

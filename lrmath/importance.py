@@ -24,13 +24,12 @@ def _check_pair(x_in, x_out):
         raise ValueError(f"x_in and x_out must have the same shape, got {tuple(x_in.shape)} and {tuple(x_out.shape)}")
     if x_in.shape[-1] == 0:
         raise ValueError("x_in has an empty hidden dimension")
-    check_finite("x_in", x_in, xp)
-    check_finite("x_out", x_out, xp)
-    return xp
+    return xp  # finiteness: from the per-token norms in update (no separate pass over the entries)
 
 
 def _token_sums(x_in, x_out, xp):
-    """Per-batch sums: cosines of defined tokens, their count, reference angles, token count."""
+    """Per-batch sums: cosines of defined tokens, their count, reference angles, token count, and
+    whether every token norm is finite (a NaN or Inf entry makes its token's norm NaN or Inf)."""
     a = as_work(x_in, xp)
     b = as_work(x_out, xp)
     one = xp.ones((), dtype=a.dtype, device=device_of(a))
@@ -47,6 +46,7 @@ def _token_sums(x_in, x_out, xp):
         a = a / xp.where(sa > 0, sa, one)
         b = b / xp.where(sb > 0, sb, one)
         na, nb = xp.linalg.vector_norm(a, axis=-1), xp.linalg.vector_norm(b, axis=-1)
+    finite = bool(xp.all(xp.isfinite(na))) and bool(xp.all(xp.isfinite(nb)))
     norms = na * nb
     cos = xp.vecdot(a, b, axis=-1) / xp.where(defined, norms, one)
     cos = xp.clip(cos, min=-1.0, max=1.0)  # rounding can leave |cos| a few ulps above 1
@@ -56,7 +56,7 @@ def _token_sums(x_in, x_out, xp):
     # the public reference code: NaN (zero norm) -> 0.5, clamp to [0, 1], then the angle per token
     ref_cos = xp.clip(xp.where(defined, cos, 0.5 * one), min=0.0, max=1.0)
     angle_sum = xp.sum(xp.acos(ref_cos)) / math.pi
-    return cos_sum, n_defined, angle_sum, math.prod(cos.shape)
+    return cos_sum, n_defined, angle_sum, math.prod(cos.shape), finite
 
 
 class AngularImportance:
@@ -131,7 +131,11 @@ class AngularImportance:
         self._check_where(where)
         if math.prod(x_in.shape[:-1]) == 0:
             return self
-        cos_sum, n_defined, angle_sum, n = _token_sums(x_in, x_out, xp)
+        cos_sum, n_defined, angle_sum, n, finite = _token_sums(x_in, x_out, xp)
+        if not finite:
+            check_finite("x_in", x_in, xp)  # names NaN / Inf precisely
+            check_finite("x_out", x_out, xp)
+            raise ValueError("x_in or x_out has a token whose norm is not finite")
         self._add(where, cos_sum, n_defined, angle_sum, n)
         return self
 
