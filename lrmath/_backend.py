@@ -169,9 +169,15 @@ def cholesky_or_none(A, xp=None):
         except Exception:  # numpy.linalg.LinAlgError and friends
             return None
     diag = xp.linalg.diagonal(L)
-    if not bool(xp.all(xp.isfinite(L))) or not bool(xp.all(diag > 0)):
+    # numpy and torch report a failed factorisation, and a finite input then gives a finite factor:
+    # its diagonal is the check; other libraries (cupy) may return NaN silently, so every entry is
+    if not bool(xp.all(diag > 0)) or not bool(xp.all(xp.isfinite(diag if _reports_failure(xp) else L))):
         return None
     return L
+
+
+def _reports_failure(xp) -> bool:
+    return is_torch(xp) or xp.__name__.endswith("numpy")
 
 
 def solve_triangular(T, B, *, lower: bool, left: bool = True, xp=None):

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from array_api_compat import to_device
 
-from ._backend import as_work, device_of, from_numpy, namespace, to_numpy, work_dtype
+from ._backend import add_outer, as_work, device_of, from_numpy, namespace, to_numpy, work_dtype
 from ._power_sums import _centred_sums, _merge, _shift
 from ._validation import check_array, check_finite, check_int
 
@@ -189,7 +189,9 @@ class Moments:
         r"""Uncentred sum :math:`\sum_k x_k x_k^\top = M_2 + n m m^\top`, shape ``(*batch_shape, dim, dim)``."""
         if self._state is None:
             raise ValueError("Moments has seen no data yet, so its array library is unknown")
-        return self.sums(about="origin").second
+        mean, m2 = self._state[:2]
+        xp = namespace(mean)
+        return add_outer(xp.asarray(m2, copy=True), mean, self._count, xp)  # sums(about="origin").second
 
     def second_moment(self):
         r"""Uncentred second moment :math:`\frac1n \sum_k x_k x_k^\top`."""

@@ -114,7 +114,7 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
     if kept is None:
         weight = weight64(down).cpu() if selection == "obs" else None
         sel = lrmath.nystrom_select(moments.gram, channels, ridge=ridge, method=selection, weight=weight,
-                                    psd_rtol=gram_psd_rtol(moments.gram.shape[-1]))
+                                    psd_rtol=gram_psd_rtol(moments.dim))
         kept = sel.indices
         new_weight = weight64(down) @ sel.reconstruction
     else:  # W_down R solved for its rows directly (lrmath.nystrom_fold): R itself is never needed

@@ -151,7 +151,7 @@ def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, budget: int, ri
     weight = weight64(get_linear(model, layer, "down", spec)).cpu()
     # one elimination down to the smallest count any split can use prices every count above it
     path = lrmath.obs_path(down_stats.gram, k_min, ridge=ridge, weight=weight,
-                           psd_rtol=gram_psd_rtol(down_stats.gram.shape[-1]))
+                           psd_rtol=gram_psd_rtol(down_stats.dim))
     head_rank, channels = _error_split(spec, budget, vo_loss, path, down_stats.count, channel_multiple)
     removed = lrmath._backend.to_numpy(path.removed)[: spec.intermediate_size - channels]
     kept = np.setdiff1d(np.arange(spec.intermediate_size), removed)  # ascending
