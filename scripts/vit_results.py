@@ -114,6 +114,36 @@ def probe_setting(model, cache: Path, size: int = 112, n_calibration: int = 400)
     return list(torch.split(train[:n_calibration], 50)), test, test_y, probe, dense_acc
 
 
+def probe_score(probe, features, labels) -> dict:
+    """Top-1 accuracy, and which test digits were right (a '0'/'1' string: the paired test needs them)."""
+    right = probe.predict(np.asarray(features, dtype=np.float64)) == np.asarray(labels)
+    return {"accuracy": float(np.mean(right)), "correct": "".join("1" if x else "0" for x in right)}
+
+
+def _significance(results) -> list[str]:
+    """Full FLAR against every other probe row of its ratio, paired on the same test digits (McNemar)."""
+    out = []
+    for ratio in sorted({r["ratio"] for r in results.values() if r["setting"] == "probe"}):
+        full = results.get(f"probe|full|{ratio}")
+        if not full or "correct" not in full:
+            continue
+        for method in METHODS:
+            other = results.get(f"probe|{method}|{ratio}")
+            if method == "full" or not other or "correct" not in other:
+                continue
+            t = evaluate.paired_accuracy_test(*(np.array([c == "1" for c in r["correct"]]) for r in (full, other)))
+            out.append(f"| {ratio:g} | {METHODS[method][0]} | {100 * t.difference:+.2f} | {t.only_a} | "
+                       f"{t.only_b} | {t.p_value:.3g} |")
+    if not out:
+        return []
+    return ["## Paired significance of the probe differences (full FLAR vs each method)", "",
+            "McNemar's exact test on the same test digits (`lrmath_hf.evaluate.paired_accuracy_test`): only the "
+            "digits exactly one model gets right count. Rows measured before per-digit results were stored are "
+            "absent.", "",
+            "| ratio | method | full minus method (pts) | only full right | only method right | p |",
+            "|---|---|---|---|---|---|", *out, ""]
+
+
 def summarise_details(report) -> dict:
     d = report.details or {}
     out = {"search_calls": d.get("search_calls"), "forward_passes": d.get("forward_passes")}
@@ -216,6 +246,7 @@ def render(results: dict, meta: dict) -> str:
                                                             f"{r['relative_error']:.4f}"] + tail) + " |")
         lines += [""]
     lines += _heldout_section(results)
+    lines += _significance(results)
     lines += ["## Target checks (computed from the rows above)", ""] + _checks(results, meta) + [""]
     return "\n".join(lines)
 
@@ -253,8 +284,12 @@ def _checks(results, meta) -> list[str]:
             if "full" not in rows:
                 continue
             best = max(rows, key=lambda m: rows[m][key])
-            out.append(f"- {setting} {ratio:.0%}: best {key} = {METHODS[best][0]} "
-                       f"({'full FLAR is best' if rows['full'][key] >= rows[best][key] else 'full FLAR is NOT best'})")
+            verdict = 'full FLAR is best' if rows['full'][key] >= rows[best][key] else 'full FLAR is NOT best'
+            if verdict.endswith("NOT best") and all("correct" in rows[m] for m in (best, "full")):
+                t = evaluate.paired_accuracy_test(*(np.array([c == "1" for c in rows[m]["correct"]])
+                                                    for m in ("full", best)))
+                verdict += f"; paired p = {t.p_value:.3g}"
+            out.append(f"- {setting} {ratio:.0%}: best {key} = {METHODS[best][0]} ({verdict})")
             if setting == "probe" and ratio in (0.3, 0.5) and "svd-llm" in rows:
                 dense = meta["dense_probe_accuracy"]
                 ours, theirs = dense - rows["full"]["accuracy"], dense - rows["svd-llm"]["accuracy"]
@@ -323,7 +358,7 @@ def main(argv=None):
         batches, test, test_y, probe, dense_acc = probe_setting(model, args.json.parent / "vit_probe_dense_112.npz")
         meta["dense_probe_accuracy"] = dense_acc
         log(f"dense probe top-1 {100 * dense_acc:.2f} %")
-        score = lambda m: {"accuracy": evaluate.linear_probe_accuracy(probe, evaluate.vit_features(m, test), test_y)}  # noqa: E731
+        score = lambda m: probe_score(probe, evaluate.vit_features(m, test), test_y)  # noqa: E731
         run_setting("probe", model, args.ratios, args.methods, results, save, batches=batches, score=score,
                     pixels=test, search_images=16, redo=args.redo)
     if "fidelity" in args.settings:

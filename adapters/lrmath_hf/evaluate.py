@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.stats
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +25,8 @@ __all__ = [
     "vit_features",
     "fit_linear_probe",
     "linear_probe_accuracy",
+    "PairedTest",
+    "paired_accuracy_test",
 ]
 
 
@@ -318,3 +321,50 @@ def linear_probe_accuracy(probe, features, labels) -> float:
     """
     predictions = probe.predict(np.asarray(features, dtype=np.float64))
     return float(np.mean(predictions == np.asarray(labels)))
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Two classifiers scored on the same examples: discordant counts and McNemar's exact p-value."""
+
+    only_a: int  # examples A gets right and B gets wrong
+    only_b: int  # examples B gets right and A gets wrong
+    n: int
+    p_value: float
+
+    @property
+    def difference(self) -> float:
+        """Accuracy of A minus accuracy of B."""
+        return (self.only_a - self.only_b) / self.n
+
+
+def paired_accuracy_test(correct_a, correct_b) -> PairedTest:
+    """McNemar's exact test that two models scored on the same examples are equally accurate.
+
+    Parameters
+    ----------
+    correct_a, correct_b : array of bool, shape (n,)
+        Per-example correctness of each model on the same examples, in the same order.
+
+    Returns
+    -------
+    PairedTest
+
+    Notes
+    -----
+    Only the discordant examples carry information: under the null hypothesis
+    each of the ``b + c`` of them is equally likely to favour either model, so
+    ``p = P(|Bin(b + c, 1/2) - (b + c)/2| >= |b - (b + c)/2|)`` (two-sided,
+    exact; ``p = 1`` when there are none). McNemar, Psychometrika 12 (1947).
+    Unpaired intervals on each accuracy would ignore that both models see the
+    same, mostly easy, examples, and would call far fewer differences real.
+    """
+    a = np.asarray(correct_a, dtype=bool).reshape(-1)
+    b = np.asarray(correct_b, dtype=bool).reshape(-1)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"correct_a and correct_b must be non-empty and of one length, got {a.size} and {b.size}")
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(b & ~a))
+    discordant = only_a + only_b
+    p = 1.0 if discordant == 0 else float(scipy.stats.binomtest(only_a, discordant, 0.5).pvalue)
+    return PairedTest(only_a, only_b, int(a.size), min(p, 1.0))
+

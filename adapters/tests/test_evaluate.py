@@ -133,3 +133,22 @@ def test_linear_probe_on_real_digits(dinov2):
     probe = evaluate.fit_linear_probe(features[:200], labels[index[:200]])
     # 200 training digits already give a strong probe on a frozen DINOv2 (chance is 10 %).
     assert evaluate.linear_probe_accuracy(probe, features[200:], labels[index[200:]]) > 0.7
+
+
+def test_paired_accuracy_test_is_mcnemars_exact_test():
+    """Discordant counts and the exact two-sided binomial p-value, against hand-computed values."""
+    a = np.array([1, 1, 1, 1, 0, 0, 1, 1, 0, 1], dtype=bool)
+    b = np.array([1, 0, 0, 0, 0, 1, 1, 1, 0, 0], dtype=bool)
+    t = evaluate.paired_accuracy_test(a, b)
+    assert (t.only_a, t.only_b, t.n) == (4, 1, 10)
+    assert t.difference == pytest.approx(0.3)
+    # P(X <= 1 or X >= 4), X ~ Bin(5, 1/2): (1 + 5 + 5 + 1) / 32
+    assert t.p_value == pytest.approx(12 / 32, rel=1e-12)
+    swapped = evaluate.paired_accuracy_test(b, a)
+    assert (swapped.only_a, swapped.only_b, swapped.p_value) == (1, 4, t.p_value)
+    assert evaluate.paired_accuracy_test(a, a).p_value == 1.0  # no discordant pair
+    lopsided = evaluate.paired_accuracy_test(np.ones(40, bool), np.r_[np.zeros(12, bool), np.ones(28, bool)])
+    assert lopsided.p_value == pytest.approx(2 * 0.5**12, rel=1e-12)
+    with pytest.raises(ValueError, match="one length"):
+        evaluate.paired_accuracy_test(a, b[:5])
+
