@@ -131,7 +131,8 @@ class AngularImportance:
         self._check_where(where)
         if math.prod(x_in.shape[:-1]) == 0:
             return self
-        cos_sum, n_defined, angle_sum, n, finite = _token_sums(x_in, x_out, xp)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: the error below says so
+            cos_sum, n_defined, angle_sum, n, finite = _token_sums(x_in, x_out, xp)
         if not finite:
             check_finite("x_in", x_in, xp)  # names NaN / Inf precisely
             check_finite("x_out", x_out, xp)
