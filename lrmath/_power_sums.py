@@ -86,17 +86,14 @@ def _low_precision_sums(x, xp, work):
     z3 = xp.astype((r[..., None, :] @ z)[..., 0, :], work)
     r = xp.astype(r, work)
     z4 = xp.vecdot(r, r, axis=-1)
-    # _shift's terms inverted, with the one matrix-vector product they share
-    m2d = (m2 @ delta[..., :, None])[..., 0]
-    dd = xp.sum(delta * delta, axis=-1)
-    tr = xp.linalg.trace(m2)
-    m3 = z3 - (2.0 * m2d + (tr + n * dd)[..., None] * delta)
-    m4 = z4 - (4.0 * xp.sum(delta * m3, axis=-1) + 4.0 * xp.sum(delta * m2d, axis=-1) + 2.0 * dd * tr
-               + n * (dd * dd))
+    m2d = (m2 @ delta[..., :, None])[..., 0]  # the one matrix-vector product both shifts need
+    zero3, zero4 = xp.zeros_like(z3), xp.zeros_like(z4)
+    m3 = z3 - _shift(n, m2, zero3, zero4, delta, xp, m2d=m2d)[0]
+    m4 = z4 - _shift(n, m2, m3, zero4, delta, xp, m2d=m2d)[1]
     return mean, m2, m3, m4
 
 
-def _shift(count, m2, m3, m4, d, xp):
+def _shift(count, m2, m3, m4, d, xp, m2d=None):
     r"""Third and fourth sums of ``z = y + d`` from the sums of rows ``y`` that sum to zero.
 
     With :math:`\sum y = 0`, :math:`\|z\|^2 = \|y\|^2 + 2 y^\top d + \|d\|^2` gives
@@ -109,8 +106,10 @@ def _shift(count, m2, m3, m4, d, xp):
 
     Only the last two are formed here (matrix-vector work); the second-moment
     part is merged once by :func:`_merge`, so a merge costs one d x d update.
+    ``m2d`` (``M_2 d``) may be passed when the caller already has it.
     """
-    m2d = (m2 @ d[..., :, None])[..., 0]
+    if m2d is None:
+        m2d = (m2 @ d[..., :, None])[..., 0]
     dm2d = xp.sum(d * m2d, axis=-1)
     dd = xp.sum(d * d, axis=-1)
     tr = xp.linalg.trace(m2)
