@@ -116,8 +116,13 @@ def probe_setting(model, cache: Path, size: int = 112, n_calibration: int = 400)
 
 def probe_score(probe, features, labels) -> dict:
     """Top-1 accuracy, and which test digits were right (a '0'/'1' string: the paired test needs them)."""
-    right = probe.predict(np.asarray(features, dtype=np.float64)) == np.asarray(labels)
+    right = evaluate.linear_probe_correct(probe, features, labels)
     return {"accuracy": float(np.mean(right)), "correct": "".join("1" if x else "0" for x in right)}
+
+
+def _paired(row_a, row_b):
+    """McNemar's test of two probe rows from their stored per-digit correctness."""
+    return evaluate.paired_accuracy_test(*(np.array([c == "1" for c in r["correct"]]) for r in (row_a, row_b)))
 
 
 def _significance(results) -> list[str]:
@@ -131,7 +136,7 @@ def _significance(results) -> list[str]:
             other = results.get(f"probe|{method}|{ratio}")
             if method == "full" or not other or "correct" not in other:
                 continue
-            t = evaluate.paired_accuracy_test(*(np.array([c == "1" for c in r["correct"]]) for r in (full, other)))
+            t = _paired(full, other)
             out.append(f"| {ratio:g} | {METHODS[method][0]} | {100 * t.difference:+.2f} | {t.only_a} | "
                        f"{t.only_b} | {t.p_value:.3g} |")
     if not out:
@@ -284,11 +289,10 @@ def _checks(results, meta) -> list[str]:
             if "full" not in rows:
                 continue
             best = max(rows, key=lambda m: rows[m][key])
-            verdict = 'full FLAR is best' if rows['full'][key] >= rows[best][key] else 'full FLAR is NOT best'
-            if verdict.endswith("NOT best") and all("correct" in rows[m] for m in (best, "full")):
-                t = evaluate.paired_accuracy_test(*(np.array([c == "1" for c in rows[m]["correct"]])
-                                                    for m in ("full", best)))
-                verdict += f"; paired p = {t.p_value:.3g}"
+            is_best = rows["full"][key] >= rows[best][key]
+            verdict = "full FLAR is best" if is_best else "full FLAR is NOT best"
+            if not is_best and all("correct" in rows[m] for m in (best, "full")):
+                verdict += f"; paired p = {_paired(rows['full'], rows[best]).p_value:.3g}"
             out.append(f"- {setting} {ratio:.0%}: best {key} = {METHODS[best][0]} ({verdict})")
             if setting == "probe" and ratio in (0.3, 0.5) and "svd-llm" in rows:
                 dense = meta["dense_probe_accuracy"]

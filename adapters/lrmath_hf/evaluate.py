@@ -25,6 +25,7 @@ __all__ = [
     "vit_features",
     "fit_linear_probe",
     "linear_probe_accuracy",
+    "linear_probe_correct",
     "PairedTest",
     "paired_accuracy_test",
 ]
@@ -319,8 +320,13 @@ def linear_probe_accuracy(probe, features, labels) -> float:
     float
         Fraction of correct predictions, in [0, 1].
     """
-    predictions = probe.predict(np.asarray(features, dtype=np.float64))
-    return float(np.mean(predictions == np.asarray(labels)))
+    return float(np.mean(linear_probe_correct(probe, features, labels)))
+
+
+def linear_probe_correct(probe, features, labels) -> np.ndarray:
+    """Per-example correctness (bool, shape ``(n,)``) of a fitted probe; what
+    :func:`paired_accuracy_test` compares and :func:`linear_probe_accuracy` averages."""
+    return probe.predict(np.asarray(features, dtype=np.float64)) == np.asarray(labels)
 
 
 @dataclass(frozen=True)

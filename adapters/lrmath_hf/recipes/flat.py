@@ -34,7 +34,7 @@ from ..modules import HeadwiseProjection
 from ..specs import ArchSpec, get_attention, get_linear, set_linear
 from . import RecipeResult, register
 from .common import gram_psd_rtol, run_calibration, timer, weight64
-from .flat_output import _output_bases, _refit_o, _split_layer
+from .flat_output import _output_bases, _refit_o, _round_channels, _split_layer
 
 __all__ = ["flat_plan", "layer_parameters", "run_flat", "run_flat_paper"]
 
@@ -54,8 +54,8 @@ def _ranks(spec: ArchSpec, w: float, channel_multiple: int = 1) -> tuple[int, in
     head_rank = max(1, min(spec.head_dim, math.floor(w * spec.head_dim)))
     f, m = spec.intermediate_size, channel_multiple
     channels = max(1, min(f, math.floor(w * f)))
-    if channels < f:  # round down to the multiple (a layer never drops below one multiple)
-        channels = min(f, max(m, channels // m * m))
+    if channels < f:  # a reduced layer keeps at least one multiple
+        channels = min(f, max(m, _round_channels(channels, f, m)))
     return head_rank, channels
 
 

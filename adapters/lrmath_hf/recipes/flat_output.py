@@ -104,6 +104,11 @@ def _value_output_losses(spec: ArchSpec, moments, w_o: torch.Tensor, bases: torc
     return torch.cat([torch.tensor([total], dtype=torch.float64), (total - kept).clamp_min(0.0)])
 
 
+def _round_channels(k: int, width: int, multiple: int) -> int:
+    """``k`` MLP channels rounded down to ``multiple`` (a full-width MLP stays as it is)."""
+    return k if k >= width else k // multiple * multiple
+
+
 def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, tokens: int,
                  channel_multiple: int = 1) -> tuple[int, int]:
     """The (value head dim, MLP channels) within a layer's parameter budget with the least summed error.
@@ -119,9 +124,7 @@ def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, token
     objective = lrmath._backend.to_numpy(path.objective)[::-1] / tokens
     best = None
     for r in range(1, d + 1):
-        k = min(f, (budget - fixed - per_rank * r) // per_channel)
-        if k < f:
-            k = k // channel_multiple * channel_multiple
+        k = _round_channels(min(f, (budget - fixed - per_rank * r) // per_channel), f, channel_multiple)
         if k < max(1, counts[0]):
             continue
         err = float(vo_loss[r]) + float(np.interp(k, counts, objective))
@@ -139,8 +142,8 @@ def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, budget: int, ri
     rank-``r`` bases)."""
     d = spec.head_dim
     fixed, per_rank, per_channel = _split_costs(spec)
-    k_min = min(spec.intermediate_size, (budget - fixed - per_rank * d) // per_channel)
-    k_min = max(1, k_min // channel_multiple * channel_multiple)
+    f = spec.intermediate_size
+    k_min = max(1, _round_channels(min(f, (budget - fixed - per_rank * d) // per_channel), f, channel_multiple))
     w_o = weight64(get_linear(model, layer, "o", spec)).cpu()
     if v_basis == "output":
         bases = _output_bases(spec, layer_stats.inputs["o"], w_o, d)
