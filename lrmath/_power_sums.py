@@ -1,7 +1,9 @@
 """Power sums of one batch of rows and their exact shift / pairwise merge (the kernels of :class:`lrmath.Moments`).
 
-A state is ``(count, mean, M2, M3, M4)`` with the sums taken about the mean:
-``M2 = sum y y^T``, ``M3 = sum |y|^2 y``, ``M4 = sum |y|^4``, ``y = x - mean``.
+A state is ``(count, mean, M2, M3, M4, D3, D4)`` with the sums taken about the mean:
+``M2 = sum y y^T``, ``M3 = sum |y|^2 y``, ``M4 = sum |y|^4``, ``y = x - mean``, and the
+per-feature ``D3 = sum y**3``, ``D4 = sum y**4`` (entrywise powers; what a diagonal
+shrinkage target needs).
 """
 
 from __future__ import annotations
@@ -38,14 +40,26 @@ def _centred_sums(x, xp, gram_dtype=None):
 
 
 def _sums_of_centred(y, xp, gram_dtype):
-    """``(sum y y^T, sum |y|^2 y, sum |y|^4)`` of rows ``y`` in the work dtype (Gram in ``gram_dtype``)."""
-    r2 = xp.vecdot(y, y, axis=-1)  # no n x d temporaries (benchmarks/test_bench_shrinkage.py)
+    """``(sum y y^T, sum |y|^2 y, sum |y|^4, sum y**3, sum y**4)`` of rows ``y`` in the work dtype.
+
+    The Gram runs in ``gram_dtype`` when given.
+    """
     if gram_dtype is None or gram_dtype == y.dtype:
         m2 = gram(y, xp)
     else:
         m2 = xp.astype(gram(xp.astype(y, gram_dtype), xp), y.dtype)
+    return (m2, *_vector_sums(y, xp))
+
+
+def _vector_sums(y, xp):
+    """``(sum |y|^2 y, sum |y|^4, sum y**3, sum y**4)`` of rows ``y``: O(n d) work, one n x d temporary."""
+    y2 = y * y
+    r2 = xp.sum(y2, axis=-1)
     m3 = (r2[..., None, :] @ y)[..., 0, :]
-    return m2, m3, xp.vecdot(r2, r2, axis=-1)
+    ones = xp.ones_like(r2)[..., None, :]  # column sums as products: BLAS speed, no second temporary
+    d3 = (ones @ (y2 * y))[..., 0, :]
+    d4 = (ones @ (y2 * y2))[..., 0, :]
+    return m3, xp.vecdot(r2, r2, axis=-1), d3, d4
 
 
 def _on_host(x, xp) -> bool:
@@ -81,16 +95,16 @@ def _low_precision_sums(x, xp, work):
     c = xp.astype(mean, x.dtype)
     z = x - c[..., None, :]
     delta = mean - xp.astype(c, work)
-    r = xp.vecdot(z, z, axis=-1)
     m2 = add_outer(xp.astype(gram(z, xp), work), delta, -n, xp)  # fresh: updated in place
-    z3 = xp.astype((r[..., None, :] @ z)[..., 0, :], work)
-    r = xp.astype(r, work)
-    z4 = xp.vecdot(r, r, axis=-1)
+    z3, z4, zd3, zd4 = (xp.astype(a, work) for a in _vector_sums(z, xp))
     m2d = (m2 @ delta[..., :, None])[..., 0]  # the one matrix-vector product both shifts need
     zero3, zero4 = xp.zeros_like(z3), xp.zeros_like(z4)
     m3 = z3 - _shift(n, m2, zero3, zero4, delta, xp, m2d=m2d)[0]
     m4 = z4 - _shift(n, m2, m3, zero4, delta, xp, m2d=m2d)[1]
-    return mean, m2, m3, m4
+    zero = xp.zeros_like(zd3)
+    d3 = zd3 - _shift_diag(n, m2, zero, zero, delta, xp)[0]
+    d4 = zd4 - _shift_diag(n, m2, d3, zero, delta, xp)[1]
+    return mean, m2, m3, m4, d3, d4
 
 
 def _shift(count, m2, m3, m4, d, xp, m2d=None):
@@ -119,8 +133,22 @@ def _shift(count, m2, m3, m4, d, xp, m2d=None):
     return s3, s4
 
 
+def _shift_diag(count, m2, d3, d4, d, xp):
+    r"""Per-feature third and fourth sums of ``z = y + d`` from those of rows ``y`` that sum to zero.
+
+    Entrywise, with :math:`\sum y = 0` and :math:`v = \operatorname{diag} M_2`:
+
+    .. math::
+        \sum z^3 = D_3 + 3 d v + n d^3, \qquad
+        \sum z^4 = D_4 + 4 d D_3 + 6 d^2 v + n d^4 .
+    """
+    v = xp.linalg.diagonal(m2)
+    d2 = d * d
+    return d3 + 3.0 * d * v + count * (d2 * d), d4 + 4.0 * d * d3 + 6.0 * d2 * v + count * (d2 * d2)
+
+
 def _merge(a, b, xp):
-    """Chan et al.'s pairwise merge of two ``(count, mean, m2, m3, m4)`` states.
+    """Chan et al.'s pairwise merge of two ``(count, mean, m2, m3, m4, d3, d4)`` states.
 
     ``M2 = M2_a + M2_b + (n_a n_b / n) g g^T`` with ``g`` the gap between the
     means (the sum of both parts' shifts ``n d d^T``, formed once).
@@ -133,6 +161,8 @@ def _merge(a, b, xp):
     db = (na / n) * gap
     mean = a[1] + (nb / n) * gap
     m2 = add_outer(a[2] + b[2], gap, na * nb / n, xp)  # one d x d allocation
-    a3, a4 = _shift(na, *a[2:], da, xp)
-    b3, b4 = _shift(nb, *b[2:], db, xp)
-    return (n, mean, m2, a3 + b3, a4 + b4)
+    a3, a4 = _shift(na, *a[2:5], da, xp)
+    b3, b4 = _shift(nb, *b[2:5], db, xp)
+    ad3, ad4 = _shift_diag(na, a[2], *a[5:7], da, xp)
+    bd3, bd4 = _shift_diag(nb, b[2], *b[5:7], db, xp)
+    return (n, mean, m2, a3 + b3, a4 + b4, ad3 + bd3, ad4 + bd4)

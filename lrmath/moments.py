@@ -10,13 +10,20 @@ import numpy as np
 from array_api_compat import to_device
 
 from ._backend import add_outer, as_work, device_of, from_numpy, namespace, to_numpy, work_dtype
-from ._power_sums import _centred_sums, _merge, _shift
+from ._power_sums import _centred_sums, _merge, _shift, _shift_diag
 from ._validation import check_array, check_finite, check_int
 
-__all__ = ["FORMAT_VERSION", "Moments", "PowerSums"]
+__all__ = ["FORMAT_VERSION", "Moments", "PowerSums", "state_shapes"]
 
-FORMAT_VERSION = 1
-_STATE_KEYS = ("format_version", "dim", "batch_shape", "count", "mean", "m2", "m3", "m4")
+FORMAT_VERSION = 2  # 2 added d3 / d4, the per-feature sums
+_ARRAY_KEYS = ("mean", "m2", "m3", "m4", "d3", "d4")
+_STATE_KEYS = ("format_version", "dim", "batch_shape", "count") + _ARRAY_KEYS
+
+
+def state_shapes(batch_shape: tuple[int, ...], dim: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each array of a :meth:`Moments.to_dict` state, in the order the state keeps them."""
+    vec, mat = batch_shape + (dim,), batch_shape + (dim, dim)
+    return dict(zip(_ARRAY_KEYS, (vec, mat, vec, batch_shape, vec, vec)))
 
 
 class PowerSums(NamedTuple):
@@ -34,6 +41,10 @@ class PowerSums(NamedTuple):
         :math:`\sum_k \|z_k\|^2 z_k`.
     fourth : array, shape (...)
         :math:`\sum_k \|z_k\|^4`.
+    third_diag : array, shape (..., dim)
+        :math:`\sum_k z_k^{\circ 3}` (entrywise cubes).
+    fourth_diag : array, shape (..., dim)
+        :math:`\sum_k z_k^{\circ 4}` (entrywise fourth powers).
     """
 
     count: int
@@ -41,6 +52,8 @@ class PowerSums(NamedTuple):
     second: Any
     third: Any
     fourth: Any
+    third_diag: Any
+    fourth_diag: Any
 
 
 class Moments:
@@ -63,7 +76,9 @@ class Moments:
     Kept per stream: ``count`` :math:`n`, the mean :math:`m`, and the sums
     about the current mean, :math:`M_2 = \sum y y^\top`,
     :math:`M_3 = \sum \|y\|^2 y`, :math:`M_4 = \sum \|y\|^4` with
-    :math:`y = x - m` (the last two are what a real Ledoit-Wolf needs).
+    :math:`y = x - m` (the last two are what a real Ledoit-Wolf needs), and the
+    entrywise :math:`D_3 = \sum y^{\circ 3}`, :math:`D_4 = \sum y^{\circ 4}`
+    (what its diagonal target needs; O(d) per stream).
     Each batch's sums are computed in float64 by two passes over the batch
     and merged with the pairwise update of Chan, Golub & LeVeque
     ("Updating formulae and a pairwise algorithm for computing sample
@@ -95,7 +110,7 @@ class Moments:
         self.batch_shape = shape
         self.device = device
         self._count = 0
-        self._state = None  # (mean, m2, m3, m4) once the library is known
+        self._state = None  # (mean, m2, m3, m4, d3, d4) once the library is known
 
     # ------------------------------------------------------------ accumulation
     def update(self, x, *, gram_dtype=None) -> "Moments":
@@ -220,13 +235,13 @@ class Moments:
         """
         if self._state is None:
             raise ValueError("Moments has seen no data yet, so its array library is unknown")
-        mean, m2, m3, m4 = self._state
+        mean, m2, m3, m4, d3, d4 = self._state
         xp = namespace(mean)
         if isinstance(about, str):
             if about not in ("mean", "origin"):
                 raise ValueError(f"about must be 'mean', 'origin' or an array, got {about!r}")
             if about == "mean":
-                copies = (xp.asarray(a, copy=True) for a in (m2, m3, m4))
+                copies = (xp.asarray(a, copy=True) for a in (m2, m3, m4, d3, d4))
                 return PowerSums(self._count, xp.zeros_like(mean), *copies)
             d = mean
         else:
@@ -237,7 +252,8 @@ class Moments:
             check_finite("about", about, xp)
             d = mean - self._to_home(as_work(about, xp))
         second = m2 + self._count * (d[..., :, None] * d[..., None, :])
-        return PowerSums(self._count, self._count * d, second, *_shift(self._count, m2, m3, m4, d, xp))
+        return PowerSums(self._count, self._count * d, second, *_shift(self._count, m2, m3, m4, d, xp),
+                         *_shift_diag(self._count, m2, d3, d4, d, xp))
 
     # ----------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
@@ -245,7 +261,8 @@ class Moments:
         every value through ``np.asarray``).
 
         Keys: ``format_version``, ``dim``, ``batch_shape`` (int64 array), ``count``,
-        ``mean``, ``m2``, ``m3``, ``m4`` (the sums about the mean, float64).
+        ``mean``, ``m2``, ``m3``, ``m4``, ``d3``, ``d4`` (the sums about the mean, float64;
+        shapes: :func:`state_shapes`).
         """
         if self._state is None:
             zeros = _zero_state(np, self.batch_shape, self.dim, np.float64, "cpu")
@@ -253,7 +270,7 @@ class Moments:
             zeros = tuple(np.asarray(to_numpy(a), dtype=np.float64) for a in self._state)
         out = {"format_version": FORMAT_VERSION, "dim": self.dim,
                "batch_shape": np.asarray(self.batch_shape, dtype=np.int64), "count": self._count}
-        out.update(zip(("mean", "m2", "m3", "m4"), (a.copy() for a in zeros)))
+        out.update(zip(_ARRAY_KEYS, (a.copy() for a in zeros)))
         return out
 
     @classmethod
@@ -268,20 +285,27 @@ class Moments:
             Put the statistics on this array's library and device (default numpy),
             e.g. to merge them into an accumulator fed by torch CUDA tensors.
         """
-        missing = [k for k in _STATE_KEYS if k not in state]
+        if "format_version" not in state:
+            raise ValueError("state is missing the keys ['format_version']")
+        version = _host_int("state['format_version']", state["format_version"])
+        if version not in (1, FORMAT_VERSION):
+            raise ValueError(f"state['format_version'] = {version}: this lrmath reads versions 1 and {FORMAT_VERSION}")
+        # version 1 had no per-feature sums: they load as NaN, so only what needs them (a diagonal
+        # shrinkage target) refuses, and says why
+        keys = _STATE_KEYS if version == FORMAT_VERSION else _STATE_KEYS[:-2]
+        missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"state is missing the keys {missing}")
-        version = _host_int("state['format_version']", state["format_version"])
-        if version != FORMAT_VERSION:
-            raise ValueError(f"state['format_version'] = {version}: this lrmath reads version {FORMAT_VERSION}")
         shape = tuple(int(s) for s in np.asarray(state["batch_shape"]).reshape(-1))
         out = cls(_host_int("state['dim']", state["dim"]), batch_shape=shape)
         count = _host_int("state['count']", state["count"])
         if count < 0:
             raise ValueError(f"state['count'] must be >= 0, got {count}")
         arrays = []
-        shapes = (shape + (out.dim,), shape + (out.dim, out.dim), shape + (out.dim,), shape)
-        for key, want in zip(("mean", "m2", "m3", "m4"), shapes):
+        for key, want in state_shapes(shape, out.dim).items():
+            if key not in keys:
+                arrays.append(np.full(want, np.nan))
+                continue
             a = np.asarray(to_numpy(state[key]), dtype=np.float64)
             if a.shape != want:
                 raise ValueError(f"state[{key!r}] must have shape {want}, got {a.shape}")
@@ -330,10 +354,7 @@ class Moments:
 
 
 def _zero_state(xp, batch_shape, dim, dtype, device):
-    return (xp.zeros(batch_shape + (dim,), dtype=dtype, device=device),
-            xp.zeros(batch_shape + (dim, dim), dtype=dtype, device=device),
-            xp.zeros(batch_shape + (dim,), dtype=dtype, device=device),
-            xp.zeros(batch_shape, dtype=dtype, device=device))
+    return tuple(xp.zeros(shape, dtype=dtype, device=device) for shape in state_shapes(batch_shape, dim).values())
 
 
 

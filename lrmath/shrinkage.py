@@ -18,12 +18,14 @@ class ShrinkageResult(NamedTuple):
     Attributes
     ----------
     covariance : array, shape (..., p, p)
-        The shrunk covariance :math:`(1 - s) S + s \mu I`.
+        The shrunk covariance :math:`(1 - s) S + s T`.
     shrinkage : array, shape (...)
         The intensity :math:`s \in [0, 1]`.
-    target : array, shape (...)
-        The scalar :math:`\mu = \operatorname{tr} S / p` of the target
-        :math:`\mu I` (not the matrix, which is ``target * I``).
+    target : array, shape (...) or (..., p)
+        What defines :math:`T` (not the matrix itself): the scalar
+        :math:`\mu = \operatorname{tr} S / p` of :math:`T = \mu I`, or, for
+        ``target="diagonal"``, the variances :math:`\operatorname{diag} S` of
+        :math:`T = \operatorname{Diag}(S)`.
     """
 
     covariance: Any
@@ -31,8 +33,11 @@ class ShrinkageResult(NamedTuple):
     target: Any
 
 
-def ledoit_wolf(data, *, assume_centered: bool = False) -> ShrinkageResult:
-    r"""Ledoit-Wolf shrinkage of the empirical covariance toward :math:`\mu I`.
+TARGETS = ("identity", "diagonal")
+
+
+def ledoit_wolf(data, *, assume_centered: bool = False, target: str = "identity") -> ShrinkageResult:
+    r"""Ledoit-Wolf shrinkage of the empirical covariance toward :math:`\mu I` or its own diagonal.
 
     Parameters
     ----------
@@ -43,6 +48,12 @@ def ledoit_wolf(data, *, assume_centered: bool = False) -> ShrinkageResult:
     assume_centered : bool, optional
         If True, use the sums about the origin: :math:`S = X^\top X / n`
         (scikit-learn's semantics). Default: centre on the sample mean.
+    target : {"identity", "diagonal"}, optional
+        ``"identity"`` (default): :math:`T = \mu I`, Ledoit & Wolf's target
+        (scikit-learn's ``LedoitWolf``). ``"diagonal"``: :math:`T = \operatorname{Diag}(S)`,
+        which keeps every variance and shrinks only the covariances; use it when
+        a few features carry most of the variance (massive activations), where
+        :math:`\mu I` lifts the small directions by a ridge set by the large ones.
 
     Returns
     -------
@@ -53,7 +64,9 @@ def ledoit_wolf(data, *, assume_centered: bool = False) -> ShrinkageResult:
     Raises
     ------
     ValueError
-        On empty data, a ``Moments`` with count 0, wrong ndim or NaN/Inf.
+        On empty data, a ``Moments`` with count 0, wrong ndim or NaN/Inf, an
+        unknown ``target``, or ``target="diagonal"`` on a ``Moments`` loaded
+        from format version 1 (which did not keep the per-feature sums).
 
     Notes
     -----
@@ -73,6 +86,20 @@ def ledoit_wolf(data, *, assume_centered: bool = False) -> ShrinkageResult:
     cancelling :math:`\|S\|_F^2 - p\mu^2`), and :math:`\beta` is clipped at 0
     against rounding, so :math:`s \in [0, 1]` always.
 
+    With ``target="diagonal"`` the same estimate of the optimal intensity is
+    taken over the off-diagonal entries only (Schaefer & Strimmer, "A shrinkage
+    approach to large-scale covariance matrix estimation", Stat. Appl. Genet.
+    Mol. Biol. 4 (2005), target D, in the normalisation above):
+
+    .. math::
+        \delta_D = \sum_{i \ne j} S_{ij}^2, \quad
+        \beta_D = \frac{1}{n^2} \sum_k \sum_{i \ne j} (y_{ki} y_{kj} - S_{ij})^2
+                = \frac{1}{n^2}\Big(\sum_k \|y_k\|^4 - \sum_k \sum_i y_{ki}^4 - n \delta_D\Big),
+
+    :math:`s = \min(\beta_D, \delta_D) / \delta_D` and :math:`C = S - s (S - \operatorname{Diag} S)`;
+    the per-feature :math:`\sum_k y_{ki}^4` come from the same single pass
+    (:attr:`PowerSums.fourth_diag`).
+
     Examples
     --------
     >>> import numpy as np, lrmath
@@ -81,15 +108,16 @@ def ledoit_wolf(data, *, assume_centered: bool = False) -> ShrinkageResult:
     >>> 0.0 <= float(res.shrinkage) <= 1.0
     True
     """
+    _check_target(target)
     sums, xp = _power_sums(data, assume_centered)
+    if target == "diagonal":
+        return _ledoit_wolf_diagonal(sums, xp)
     S, mu, gap2 = _empirical(sums, xp)
     n = float(sums.count)
     p = S.shape[-1]
     delta = gap2 / p
     beta = (sums.fourth - xp.sum(sums.second * sums.second, axis=(-2, -1)) / n) / (n * n * p)
-    beta = xp.minimum(xp.clip(beta, min=0.0), delta)
-    positive = delta > 0
-    s = xp.where(positive, beta / xp.where(positive, delta, xp.ones_like(delta)), xp.zeros_like(delta))
+    s = _intensity(beta, delta, xp)
     return ShrinkageResult(_blend(S, s, mu, xp), s, mu)
 
 
@@ -144,7 +172,7 @@ def oas(data, *, assume_centered: bool = False) -> ShrinkageResult:
     return ShrinkageResult(_blend(S, s, mu, xp), s, mu)
 
 
-def shrink(C, shrinkage: float):
+def shrink(C, shrinkage: float, *, target: str = "identity"):
     r"""Fixed-intensity shrinkage :math:`(1 - s) C + s \bar c I`, :math:`\bar c = \operatorname{tr} C / p`.
 
     Parameters
@@ -153,6 +181,9 @@ def shrink(C, shrinkage: float):
         Symmetric matrices (covariances or second moments).
     shrinkage : float
         The intensity :math:`s \in [0, 1]`.
+    target : {"identity", "diagonal"}, optional
+        :math:`\bar c I` (default) or :math:`\operatorname{Diag}(C)`, which gives
+        :math:`(1 - s) C + s \operatorname{Diag}(C)` (every diagonal entry kept).
 
     Returns
     -------
@@ -162,8 +193,8 @@ def shrink(C, shrinkage: float):
     Raises
     ------
     ValueError
-        If ``C`` is not square/symmetric or holds NaN/Inf, or ``shrinkage``
-        is not a number in [0, 1].
+        If ``C`` is not square/symmetric or holds NaN/Inf, ``shrinkage``
+        is not a number in [0, 1], or ``target`` is unknown.
 
     Notes
     -----
@@ -179,6 +210,7 @@ def shrink(C, shrinkage: float):
     array([[2.5, 0.5],
            [0.5, 1.5]])
     """
+    _check_target(target)
     xp = check_symmetric("C", C)
     try:
         s = float(shrinkage)
@@ -187,6 +219,8 @@ def shrink(C, shrinkage: float):
     if not (math.isfinite(s) and 0.0 <= s <= 1.0):
         raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage!r}")
     Cw = as_work(C, xp)
+    if target == "diagonal":
+        return Cw - s * _off_diagonal(Cw, xp)
     mu = xp.linalg.trace(Cw) / C.shape[-1]
     return _blend(Cw, s, mu, xp)
 
@@ -230,3 +264,36 @@ def _blend(S, s, mu, xp):
     if isinstance(s, float):
         return (1.0 - s) * S + (s * mu)[..., None, None] * eye
     return (1.0 - s)[..., None, None] * S + (s * mu)[..., None, None] * eye
+
+
+def _check_target(target):
+    if not (isinstance(target, str) and target in TARGETS):
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def _off_diagonal(S, xp):
+    """``S`` with its diagonal set to zero."""
+    eye = xp.eye(S.shape[-1], dtype=S.dtype, device=device_of(S))
+    return S * (1.0 - eye)
+
+
+def _intensity(beta, delta, xp):
+    """``min(max(beta, 0), delta) / delta``, 0 where ``delta = 0``: always in [0, 1]."""
+    beta = xp.minimum(xp.clip(beta, min=0.0), delta)
+    positive = delta > 0
+    return xp.where(positive, beta / xp.where(positive, delta, xp.ones_like(delta)), xp.zeros_like(delta))
+
+
+def _ledoit_wolf_diagonal(sums: PowerSums, xp) -> ShrinkageResult:
+    """Ledoit-Wolf's intensity for the target ``Diag(S)`` (see :func:`ledoit_wolf`, Notes)."""
+    if not bool(xp.all(xp.isfinite(sums.fourth_diag))):
+        raise ValueError('target="diagonal" needs the per-feature fourth sums, which a Moments loaded from '
+                         "format version 1 does not have: accumulate the statistics again with this lrmath")
+    n = float(sums.count)
+    S = sums.second / sums.count
+    S = (S + xp.matrix_transpose(S)) / 2
+    off = _off_diagonal(S, xp)
+    delta = xp.sum(off * off, axis=(-2, -1))
+    beta = ((sums.fourth - xp.sum(sums.fourth_diag, axis=-1)) / n - delta) / n
+    s = _intensity(beta, delta, xp)
+    return ShrinkageResult(S - s[..., None, None] * off, s, xp.linalg.diagonal(S))

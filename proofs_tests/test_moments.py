@@ -4,7 +4,8 @@ Statement: for any split of the rows of ``X`` into batches, fed by ``update`` in
 accumulated separately and combined by ``merge`` in any order, ``count``, ``mean``,
 ``covariance()`` and the centred third/fourth sums equal the two-pass float64 values of ``X``
 within ``tolerance(float64, n, kappa = 1 + mean/spread)``, also when ``X`` arrives in float32
-with a mean up to 1000 times its spread (Chan, Golub & LeVeque 1979). Per-head batches
+with a mean up to 1000 times its spread (Chan, Golub & LeVeque 1979); so do the per-feature
+third and fourth sums (entrywise powers). Per-head batches
 equal separate accumulators; ``to_dict`` / ``from_dict`` round trips are exact.
 """
 
@@ -39,6 +40,15 @@ def reference(X):
     return mean, Y.T @ Y, r2 @ Y, float(np.sum(r2 * r2))
 
 
+def check_per_feature(sums, Z, tol):
+    """The entrywise sums ``sum z**3`` and ``sum z**4`` of rows ``Z``, each feature to its own scale."""
+    A = np.abs(Z)
+    for got, power in ((sums.third_diag, 3), (sums.fourth_diag, 4)):
+        error = np.abs(to_numpy(got) - np.sum(Z**power, axis=0))
+        bound = tol * np.sum(A**power, axis=0) + 1e-300
+        assert np.all(error <= bound), (power, error, bound)
+
+
 def check_against_reference(acc, X, shift):
     n = X.shape[0]
     mean, M2, M3, M4 = reference(X)
@@ -52,6 +62,7 @@ def check_against_reference(acc, X, shift):
     np.testing.assert_allclose(to_numpy(sums.third), M3, rtol=0, atol=tol * np.sum(r**3) + 1e-300)
     assert abs(float(sums.fourth) - M4) <= tol * M4 + 1e-300
     np.testing.assert_array_equal(to_numpy(sums.first), 0.0)
+    check_per_feature(sums, X - mean, tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -75,7 +86,7 @@ def test_merge_and_update_equal_single_pass_in_any_order(backend, case):
     before = b.to_dict()
     ab, ba = a.copy().merge(b), b.copy().merge(a)
     after = b.to_dict()
-    for key in ("mean", "m2", "m3", "m4"):
+    for key in ("mean", "m2", "m3", "m4", "d3", "d4"):
         np.testing.assert_array_equal(before[key], after[key])
         scale = np.abs(ab.to_dict()[key]).max() + 1e-300
         np.testing.assert_allclose(ab.to_dict()[key], ba.to_dict()[key], rtol=0,
@@ -160,6 +171,7 @@ def test_float32_batches_with_float32_gram_keep_float32_accuracy_and_an_exact_me
     np.testing.assert_allclose(to_numpy(acc.covariance()), M2 / n, rtol=0, atol=tol32 * np.sum(r**2) / n + 1e-300)
     np.testing.assert_allclose(to_numpy(sums.third), M3, rtol=0, atol=tol32 * np.sum(r**3) + 1e-300)
     assert abs(float(sums.fourth) - M4) <= tol32 * M4 + 1e-300
+    check_per_feature(sums, exact - mean, tol32)
 
 
 @given(case=split_samples(max_n=40, max_p=6), batch_shape=st.sampled_from([(1,), (3,), (2, 2)]))
@@ -223,6 +235,7 @@ def test_sums_about_any_point_match_direct_sums(case, seed):
         np.testing.assert_allclose(got.second, Z.T @ Z, rtol=0, atol=tol * scale + 1e-300)
         np.testing.assert_allclose(got.third, r2 @ Z, rtol=0, atol=tol * np.sum(r2**1.5) + 1e-300)
         assert abs(float(got.fourth) - np.sum(r2 * r2)) <= tol * np.sum(r2 * r2) + 1e-300
+        check_per_feature(got, Z, tol)
     np.testing.assert_allclose(acc.gram, X.T @ X, rtol=0, atol=tol * np.sum(X * X) + 1e-300)
     np.testing.assert_allclose(acc.second_moment(), X.T @ X / X.shape[0], rtol=0,
                                atol=tol * np.sum(X * X) / X.shape[0] + 1e-300)
@@ -312,6 +325,22 @@ def test_bad_construction_and_state_raise():
         lrmath.Moments.from_dict({k: v for k, v in state.items() if k != "m4"})
     with pytest.raises(ValueError, match="dim 3"):
         lrmath.Moments(2).merge(lrmath.Moments(3).update(np.ones((1, 3))))
+
+
+def test_format_1_state_loads_and_refuses_only_what_needs_the_per_feature_sums():
+    """A state saved before the per-feature sums existed still gives covariance and Ledoit-Wolf toward mu I;
+    the diagonal target, which needs them, says why it cannot."""
+    X = np.random.default_rng(0).standard_normal((50, 3)) + 2.0
+    state = lrmath.Moments(3).update(X).to_dict()
+    old = {k: v for k, v in state.items() if k not in ("d3", "d4")}
+    old["format_version"] = 1
+    back = lrmath.Moments.from_dict(old)
+    np.testing.assert_array_equal(back.covariance(), lrmath.Moments.from_dict(state).covariance())
+    assert float(lrmath.ledoit_wolf(back).shrinkage) == float(lrmath.ledoit_wolf(X).shrinkage)
+    with pytest.raises(ValueError, match="format version 1"):
+        lrmath.ledoit_wolf(back, target="diagonal")
+    with pytest.raises(ValueError, match="missing"):
+        lrmath.Moments.from_dict({k: v for k, v in state.items() if k != "d4"})
 
 
 def test_inputs_are_not_mutated_and_any_real_dtype_is_accepted():

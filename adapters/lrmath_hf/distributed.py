@@ -31,6 +31,7 @@ import torch.distributed as dist
 import lrmath
 from lrmath.importance import FORMAT_VERSION as _IMPORTANCE_VERSION
 from lrmath.moments import FORMAT_VERSION as _MOMENTS_VERSION
+from lrmath.moments import state_shapes
 
 __all__ = ["CHUNK", "Communicator", "resolve_group", "shard_batches", "check_shards", "merge_layer_stats"]
 
@@ -39,7 +40,6 @@ CHUNK = 1 << 24
 extra device memory of a merge to ``world_size * CHUNK * 8`` bytes on the root."""
 
 _MOMENTS, _IMPORTANCE = 1, 2
-_MOMENT_KEYS = ("mean", "m2", "m3", "m4")
 _IMPORTANCE_KEYS = ("cos_sum", "defined", "angle_sum")
 
 
@@ -210,7 +210,7 @@ def _pack(acc) -> tuple[list[int], np.ndarray]:
     """Header ``[kind, present, count, length]`` and float64 payload of one accumulator."""
     if isinstance(acc, lrmath.Moments):
         state = acc.to_dict()
-        flat = np.concatenate([state[k].ravel() for k in _MOMENT_KEYS])
+        flat = np.concatenate([state[k].ravel() for k in state_shapes(acc.batch_shape, acc.dim)])
         return [_MOMENTS, 1, acc.count, flat.size], flat
     if isinstance(acc, lrmath.AngularImportance):
         state = acc.to_dict()
@@ -224,12 +224,10 @@ def _unpack(template, count: int, flat: np.ndarray):
     """The state dict of ``template``'s kind with ``count`` and the arrays in ``flat``."""
     if isinstance(template, lrmath.Moments):
         shape = template.batch_shape
-        d = template.dim
-        shapes = (shape + (d,), shape + (d, d), shape + (d,), shape)
-        state = {"format_version": _MOMENTS_VERSION, "dim": d,
+        state = {"format_version": _MOMENTS_VERSION, "dim": template.dim,
                  "batch_shape": np.asarray(shape, dtype=np.int64), "count": count}
         offset = 0
-        for key, want in zip(_MOMENT_KEYS, shapes):
+        for key, want in state_shapes(shape, template.dim).items():
             size = math.prod(want)
             state[key] = flat[offset:offset + size].reshape(want)
             offset += size

@@ -113,13 +113,13 @@ def test_heldout_reports_its_choice(dense):
     model = copy.deepcopy(dense)
     spec = get_spec(model)
     report = _compress(model, 0.3, criterion="weight", shrinkage="heldout")
-    assert report.details["shrinkage"] == "heldout"
+    assert report.details["shrinkage"] == "heldout" and report.details["shrinkage_target"] == "diagonal"
     merged = merge_statistics(flar_statistics(dense, spec, _batches(), folds=2))
     multiples = report.details["heldout_multiple"]
     assert len(multiples) == spec.num_layers * len(spec.input_groups)
     for name, c in multiples.items():
         layer, group = name.split(".")
-        lw = float(lrmath.ledoit_wolf(merged.layers[int(layer)].inputs[group]).shrinkage)
+        lw = float(lrmath.ledoit_wolf(merged.layers[int(layer)].inputs[group], target="diagonal").shrinkage)
         assert c in HELDOUT_GRID
         assert report.details["shrinkage_intensity"][name] == pytest.approx(min(1.0, c * lw), rel=1e-6, abs=1e-12)
     assert _compress(copy.deepcopy(dense), 0.3, criterion="weight").details["shrinkage"] == "ledoit_wolf"  # default

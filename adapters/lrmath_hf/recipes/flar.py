@@ -26,7 +26,7 @@ from ..specs_vision import final_norm
 from . import RecipeResult, register
 from .common import group_name, input_plan, run_calibration, timer, weight64
 from .flar_shrinkage import (HELDOUT_GRID, _check_grid, fold_batches, heldout_error, heldout_intensity,
-                             merge_statistics, reference_intensity, shrunk_covariance)
+                             merge_statistics, reference_intensity, resolve_target, shrunk_covariance)
 
 __all__ = ["SHRINKAGE", "CRITERIA", "ALLOCATIONS", "HELDOUT_GRID", "run_flar", "flar_statistics",
            "fold_batches", "merge_statistics", "shrunk_covariance", "heldout_error", "heldout_intensity",
@@ -204,7 +204,7 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
              search_images: int = 16, latency_batch: int = 1, latency_margin: float = 0.05,
              latency_cache_dir: Any = None, latency_table: LatencyTable | None = None,
              measure_latency: bool | None = None, statistics=None, search_memo: dict | None = None,
-             heldout_grid=HELDOUT_GRID) -> RecipeResult:
+             heldout_grid=HELDOUT_GRID, shrinkage_target: str | None = None) -> RecipeResult:
     """FLAR-SVD (Thoma et al., CVPR 2025 Workshops) for ViT / DeiT / DINOv2 encoders.
 
     Parameters
@@ -217,7 +217,11 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
         least 2-fold held-out error of the whitened truncation at the uniform
         ranks of ``ratio`` (:func:`heldout_intensity`; the calibration is
         accumulated in two folds, :func:`flar_statistics` ``folds=2``); the
-        others: :func:`shrunk_covariance`; 1.0 gives plain SVD.
+        others: :func:`shrunk_covariance`; 1.0 gives plain SVD (with the target ``mu I``).
+    shrinkage_target : {"identity", "diagonal"}, optional
+        ``mu I`` or ``Diag(S)``.  Default: ``Diag(S)`` for ``"ledoit_wolf"`` and
+        ``"heldout"`` (:func:`lrmath.ledoit_wolf` ``target="diagonal"``), ``mu I``
+        for the others; see docs/vit.md for why.
     criterion : {"feature", "weight", "uniform"}
         ``e_l(r)``: final-feature NMSE with only linear ``l`` at rank ``r``; or
         ``1 - cos(W S, (W S)_r)``; or SVD-LLM's uniform ratio (no search).
@@ -262,6 +266,7 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     if not (shrinkage in SHRINKAGE or (isinstance(shrinkage, (int, float)) and not isinstance(shrinkage, bool)
                                        and 0.0 <= shrinkage <= 1.0)):
         raise ValueError(f"shrinkage must be one of {SHRINKAGE} or a number in [0, 1], got {shrinkage!r}")
+    target = resolve_target(shrinkage, shrinkage_target)
     heldout = shrinkage == "heldout"
     if heldout:
         _check_grid(heldout_grid)
@@ -287,9 +292,10 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
                     weights = [weight64(get_linear(model, layer, role, spec)) for role in group]
                     choice = heldout_intensity(weights, [f.layers[layer].inputs[name] for f in folds], moments,
                                                [_uniform_rank(*w.shape, ratio) for w in weights],
-                                               grid=heldout_grid, center=center)
+                                               grid=heldout_grid, center=center, target=target)
                     multiples[f"{layer}.{name}"], estimator = choice["multiple"], choice["intensity"]
-                C, intensities[f"{layer}.{name}"] = shrunk_covariance(moments, estimator, center=center)
+                C, intensities[f"{layer}.{name}"] = shrunk_covariance(moments, estimator, center=center,
+                                                                      target=target)
                 whitener = lrmath.whiten(C, method="cholesky", damping=damping)
                 fallbacks += whitener.fallback is not None
                 for role in group:
@@ -298,7 +304,8 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
                     linears[(layer, role)] = _Linear(dense, svd, moments.mean if center else None)
     keys = list(linears)
     shapes = [linears[k].shape for k in keys]
-    details: dict[str, Any] = {"shrinkage": shrinkage, "criterion": criterion, "allocation": allocation,
+    details: dict[str, Any] = {"shrinkage": shrinkage, "shrinkage_target": target,
+                               "criterion": criterion, "allocation": allocation,
                                "latency_aware": latency_aware, "center": center, "damping": damping,
                                "multiple": multiple, "shrinkage_intensity": intensities,
                                "whitening_fallbacks": fallbacks}
@@ -317,7 +324,7 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
             details["latency_caps"] = {f"{m}x{n}": r for (m, n), r in fast.items()}
 
     with timer(result.timings, "search"):
-        memo_key = (str(shrinkage), tuple(intensities.values()), center, damping, search_images)
+        memo_key = (str(shrinkage), target, tuple(intensities.values()), center, damping, search_images)
         final = _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, details,
                         search_images=search_images, multiple=multiple, memo=search_memo, memo_key=memo_key)
 

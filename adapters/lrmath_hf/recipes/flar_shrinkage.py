@@ -15,10 +15,27 @@ import numpy as np
 import torch
 
 import lrmath
+from lrmath.shrinkage import TARGETS
 
 from ..calibrate import CalibrationResult, LayerStats
 
 HELDOUT_GRID = (0.0, 1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0)  # multiples of the Ledoit-Wolf intensity
+IDENTITY_ONLY = ("oas", "reference", "none")  # estimators defined with the target mu I
+
+
+def resolve_target(shrinkage: Any, target: str | None) -> str:
+    """The shrinkage target FLAR uses: ``Diag(S)`` for Ledoit-Wolf and held-out by default, else ``mu I``.
+
+    A fixed intensity keeps ``mu I`` by default, so 1.0 still means plain SVD.
+    """
+    if target is None:
+        return "diagonal" if shrinkage in ("ledoit_wolf", "heldout") else "identity"
+    if target not in TARGETS:
+        raise ValueError(f"shrinkage_target must be one of {TARGETS} or None, got {target!r}")
+    if target == "diagonal" and isinstance(shrinkage, str) and shrinkage in IDENTITY_ONLY:
+        raise ValueError(f'shrinkage={shrinkage!r} is defined with the target mu I: shrinkage_target="diagonal" '
+                         'needs "ledoit_wolf", "heldout" or a fixed intensity')
+    return target
 
 
 def fold_batches(batches, folds: int = 2) -> list[list]:
@@ -69,24 +86,30 @@ def reference_intensity(S: torch.Tensor) -> float:
     return float(torch.clamp(1e10 * (torch.trace(S) - torch.trace(target)) / denominator, 0.0, 1.0))
 
 
-def shrunk_covariance(moments: lrmath.Moments, shrinkage: Any = "ledoit_wolf", *, center: bool = True):
-    """``((1 - s) S + s mu I, s)`` for one input group.
+def shrunk_covariance(moments: lrmath.Moments, shrinkage: Any = "ledoit_wolf", *, center: bool = True,
+                      target: str | None = None):
+    """``((1 - s) S + s T, s)`` for one input group, ``T = mu I`` or ``Diag(S)``.
 
     ``shrinkage``: ``"ledoit_wolf"``, ``"oas"``, ``"reference"`` (:func:`reference_intensity`),
     ``"none"`` or a fixed ``s`` in [0, 1] (``"heldout"`` needs folds: :func:`heldout_intensity`).
+    ``target``: ``"identity"``, ``"diagonal"`` or ``None`` (:func:`resolve_target`).
     ``S`` is the covariance (``center``) or the uncentred second moment.  Returns a
     float64 ``(p, p)`` tensor and ``s``.
     """
     if shrinkage == "heldout":
         raise ValueError('shrinkage="heldout" is chosen per group from fold statistics: use heldout_intensity')
-    if shrinkage in ("ledoit_wolf", "oas"):
-        res = (lrmath.ledoit_wolf if shrinkage == "ledoit_wolf" else lrmath.oas)(moments, assume_centered=not center)
+    target = resolve_target(shrinkage, target)
+    if shrinkage == "ledoit_wolf":
+        res = lrmath.ledoit_wolf(moments, assume_centered=not center, target=target)
+        return res.covariance, float(res.shrinkage)
+    if shrinkage == "oas":
+        res = lrmath.oas(moments, assume_centered=not center)
         return res.covariance, float(res.shrinkage)
     S = moments.covariance() if center else moments.second_moment()
     if shrinkage == "none":
         return S, 0.0
     s = reference_intensity(S) if shrinkage == "reference" else float(shrinkage)
-    return lrmath.shrink(S, s), s
+    return lrmath.shrink(S, s, target=target), s
 
 
 def _fold_parts(moments: lrmath.Moments, center: bool):
@@ -97,7 +120,7 @@ def _fold_parts(moments: lrmath.Moments, center: bool):
 
 
 def heldout_error(weights, fit: lrmath.Moments, test: lrmath.Moments, intensities, ranks, *,
-                  center: bool = True) -> np.ndarray:
+                  center: bool = True, target: str = "identity") -> np.ndarray:
     r"""Held-out output error of the whitened truncation fitted on ``fit``, for each intensity.
 
     Parameters
@@ -113,6 +136,8 @@ def heldout_error(weights, fit: lrmath.Moments, test: lrmath.Moments, intensitie
     center : bool
         Centred covariance with the bias correction (as :func:`run_flar`), or the
         uncentred second moment.
+    target : {"identity", "diagonal"}
+        The shrinkage target ``T``: :math:`\mu I` or :math:`\operatorname{Diag}(S_{\mathrm{fit}})`.
 
     Returns
     -------
@@ -121,7 +146,7 @@ def heldout_error(weights, fit: lrmath.Moments, test: lrmath.Moments, intensitie
 
     Notes
     -----
-    With :math:`C_s = (1 - s) S_{\mathrm{fit}} + s \mu I` and :math:`W C_s^{1/2} = U \Sigma V^\top`,
+    With :math:`C_s = (1 - s) S_{\mathrm{fit}} + s T` and :math:`W C_s^{1/2} = U \Sigma V^\top`,
     the whitened rank-``r`` truncation is :math:`W_r = U_r U_r^\top W` (any square root gives
     the same :math:`U_r`), so :math:`W - W_r = (I - U_r U_r^\top) W` and
 
@@ -132,10 +157,16 @@ def heldout_error(weights, fit: lrmath.Moments, test: lrmath.Moments, intensitie
     :math:`T = S_{\mathrm{test}} + d d^\top`, :math:`d = m_{\mathrm{test}} - m_{\mathrm{fit}}`
     (the bias correction uses the fit's mean), or the test's second moment when
     uncentred.  :math:`U_r` comes from the eigenvectors of the ``m x m``
-    :math:`(1 - s) W S W^\top + s \mu W W^\top` when ``m <= p``, otherwise from
-    :math:`W E \operatorname{diag}((1 - s)\lambda + s\mu)^{1/2}` with :math:`S = E \Lambda E^\top`.
+    :math:`(1 - s) W S W^\top + s W T W^\top` when ``m <= p``, otherwise from
+    :math:`W E \operatorname{diag}((1 - s)\lambda + s\mu)^{1/2}` with :math:`S = E \Lambda E^\top`
+    (target :math:`\mu I`) or from :math:`W C_s^{1/2}` by an eigendecomposition of each
+    :math:`C_s` (target :math:`\operatorname{Diag} S`).
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     S, mu, mean = _fold_parts(fit, center)
+    diagonal = target == "diagonal"
+    T_s = torch.diag(torch.diagonal(S)) if diagonal else mu * torch.eye(S.shape[0], dtype=S.dtype)
     T, _, test_mean = _fold_parts(test, center)
     if center:
         d = test_mean - mean
@@ -149,13 +180,17 @@ def heldout_error(weights, fit: lrmath.Moments, test: lrmath.Moments, intensitie
         Q = WT @ W.T
         total = float(torch.trace(Q))
         if m <= p:
-            A, B = W @ S @ W.T, W @ W.T
-        elif eig is None:
+            A, B = W @ S @ W.T, W @ T_s @ W.T
+        elif eig is None and not diagonal:
             eig = torch.linalg.eigh(S)
         for i, s in enumerate(intensities):
             if m <= p:
-                G = (1.0 - s) * A + (s * mu) * B
+                G = (1.0 - s) * A + s * B
                 U = torch.linalg.eigh((G + G.T) / 2).eigenvectors[:, -r:]
+            elif diagonal:
+                e = torch.linalg.eigh((1.0 - s) * S + s * T_s)
+                U = torch.linalg.svd(W @ (e.eigenvectors * torch.sqrt(torch.clamp(e.eigenvalues, min=0.0))),
+                                     full_matrices=False).U[:, :r]
             else:
                 scale = torch.sqrt(torch.clamp((1.0 - s) * eig.eigenvalues + s * mu, min=0.0))
                 U = torch.linalg.svd(W @ (eig.eigenvectors * scale), full_matrices=False).U[:, :r]
@@ -174,7 +209,7 @@ def _check_grid(grid) -> list[float]:
 
 
 def heldout_intensity(weights, folds, full: lrmath.Moments, ranks, *, grid=HELDOUT_GRID,
-                      center: bool = True) -> dict[str, Any]:
+                      center: bool = True, target: str = "identity") -> dict[str, Any]:
     r"""Shrinkage intensity of one input group chosen by K-fold held-out truncation error.
 
     Parameters
@@ -189,8 +224,8 @@ def heldout_intensity(weights, folds, full: lrmath.Moments, ranks, *, grid=HELDO
         Representative rank of each linear (:func:`run_flar`: its uniform rank at the target ratio).
     grid : sequence of float
         Multiples ``c`` of the Ledoit-Wolf intensity to try (0 and 1 among them by default).
-    center : bool
-        As in :func:`heldout_error`.
+    center, target : bool, str
+        As in :func:`heldout_error` (the Ledoit-Wolf intensity is that of ``target``).
 
     Returns
     -------
@@ -224,9 +259,10 @@ def heldout_intensity(weights, folds, full: lrmath.Moments, ranks, *, grid=HELDO
         for j, part in enumerate(folds):
             if j != k:
                 fit = part.copy() if fit is None else fit.merge(part)
-        s_fit = float(lrmath.ledoit_wolf(fit, assume_centered=not center).shrinkage)
-        errors += heldout_error(weights, fit, test, [min(1.0, c * s_fit) for c in grid], ranks, center=center)
+        s_fit = float(lrmath.ledoit_wolf(fit, assume_centered=not center, target=target).shrinkage)
+        errors += heldout_error(weights, fit, test, [min(1.0, c * s_fit) for c in grid], ranks, center=center,
+                                target=target)
     best = int(np.argmin(errors))
-    s_full = float(lrmath.ledoit_wolf(full, assume_centered=not center).shrinkage)
+    s_full = float(lrmath.ledoit_wolf(full, assume_centered=not center, target=target).shrinkage)
     return {"intensity": min(1.0, grid[best] * s_full), "multiple": grid[best], "ledoit_wolf": s_full,
             "errors": errors.tolist()}
