@@ -20,10 +20,11 @@ _ARRAY_KEYS = ("mean", "m2", "m3", "m4", "d3", "d4")
 _STATE_KEYS = ("format_version", "dim", "batch_shape", "count") + _ARRAY_KEYS
 
 
-def state_shapes(batch_shape: tuple[int, ...], dim: int) -> dict[str, tuple[int, ...]]:
+def state_shapes(batch_shape: tuple[int, ...], dim: int, per_feature: bool = True) -> dict[str, tuple[int, ...]]:
     """Shape of each array of a :meth:`Moments.to_dict` state, in the order the state keeps them."""
     vec, mat = batch_shape + (dim,), batch_shape + (dim, dim)
-    return dict(zip(_ARRAY_KEYS, (vec, mat, vec, batch_shape, vec, vec)))
+    out = dict(zip(_ARRAY_KEYS, (vec, mat, vec, batch_shape, vec, vec)))
+    return out if per_feature else {k: v for k, v in out.items() if k not in ("d3", "d4")}
 
 
 class PowerSums(NamedTuple):
@@ -70,6 +71,10 @@ class Moments:
         Device of the accumulator (e.g. ``torch.device("cpu")`` to keep the
         statistics of a GPU model on the host). Default: the device of the
         first update. The array library is always that of the first update.
+    per_feature : bool, optional
+        Also keep the entrywise sums :math:`D_3, D_4` (default), which
+        ``ledoit_wolf(..., target="diagonal")`` needs; False saves their O(n d)
+        work per update (a few per cent of it at d = 576).
 
     Notes
     -----
@@ -99,7 +104,7 @@ class Moments:
     True
     """
 
-    def __init__(self, dim: int, *, batch_shape: tuple[int, ...] = (), device=None):
+    def __init__(self, dim: int, *, batch_shape: tuple[int, ...] = (), device=None, per_feature: bool = True):
         self.dim = check_int("dim", dim, 1)
         try:
             shape = tuple(operator.index(s) for s in batch_shape)
@@ -109,6 +114,7 @@ class Moments:
             raise ValueError(f"batch_shape must hold non-negative sizes, got {shape}")
         self.batch_shape = shape
         self.device = device
+        self.per_feature = bool(per_feature)
         self._count = 0
         self._state = None  # (mean, m2, m3, m4, d3, d4) once the library is known
 
@@ -148,7 +154,7 @@ class Moments:
         if n == 0:
             return self
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: the error below says so
-            part = _centred_sums(x, xp, gram_dtype)
+            part = _centred_sums(x, xp, gram_dtype, self.per_feature)
         # a NaN or Inf in x makes the mean (and M4) non-finite: checking the small sums instead of
         # every entry of x saves a full pass over the batch (a tenth of the statistics' cost)
         if not (bool(xp.all(xp.isfinite(part[0]))) and bool(xp.all(xp.isfinite(part[3])))):
@@ -172,6 +178,7 @@ class Moments:
             )
         if other._state is None:
             return self
+        self.per_feature = self.per_feature and other.per_feature  # the merge has them only if both do
         xp = namespace(other._state[0]) if self._state is None else namespace(self._state[0], other._state[0])
         self._allocate(xp, other._state[0])
         if other._count:
@@ -180,7 +187,7 @@ class Moments:
 
     def copy(self) -> "Moments":
         """An independent copy."""
-        out = Moments(self.dim, batch_shape=self.batch_shape, device=self.device)
+        out = Moments(self.dim, batch_shape=self.batch_shape, device=self.device, per_feature=self.per_feature)
         out._count = self._count
         if self._state is not None:
             xp = namespace(self._state[0])
@@ -261,8 +268,8 @@ class Moments:
         every value through ``np.asarray``).
 
         Keys: ``format_version``, ``dim``, ``batch_shape`` (int64 array), ``count``,
-        ``mean``, ``m2``, ``m3``, ``m4``, ``d3``, ``d4`` (the sums about the mean, float64;
-        shapes: :func:`state_shapes`).
+        ``mean``, ``m2``, ``m3``, ``m4``, and ``d3``, ``d4`` when kept (``per_feature``),
+        the sums about the mean, float64 (shapes: :func:`state_shapes`).
         """
         if self._state is None:
             zeros = _zero_state(np, self.batch_shape, self.dim, np.float64, "cpu")
@@ -270,7 +277,7 @@ class Moments:
             zeros = tuple(np.asarray(to_numpy(a), dtype=np.float64) for a in self._state)
         out = {"format_version": FORMAT_VERSION, "dim": self.dim,
                "batch_shape": np.asarray(self.batch_shape, dtype=np.int64), "count": self._count}
-        out.update(zip(_ARRAY_KEYS, (a.copy() for a in zeros)))
+        out.update((k, a.copy()) for k, a in zip(_ARRAY_KEYS, zeros) if self.per_feature or k not in ("d3", "d4"))
         return out
 
     @classmethod
@@ -290,21 +297,21 @@ class Moments:
         version = _host_int("state['format_version']", state["format_version"])
         if version not in (1, FORMAT_VERSION):
             raise ValueError(f"state['format_version'] = {version}: this lrmath reads versions 1 and {FORMAT_VERSION}")
-        # version 1 had no per-feature sums: they load as NaN, so only what needs them (a diagonal
-        # shrinkage target) refuses, and says why
-        keys = _STATE_KEYS if version == FORMAT_VERSION else _STATE_KEYS[:-2]
+        # version 1 had no per-feature sums; a version-2 state has them unless saved without (per_feature)
+        per_feature = version == FORMAT_VERSION and ("d3" in state or "d4" in state)
+        keys = _STATE_KEYS if per_feature else _STATE_KEYS[:-2]
         missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"state is missing the keys {missing}")
         shape = tuple(int(s) for s in np.asarray(state["batch_shape"]).reshape(-1))
-        out = cls(_host_int("state['dim']", state["dim"]), batch_shape=shape)
+        out = cls(_host_int("state['dim']", state["dim"]), batch_shape=shape, per_feature=per_feature)
         count = _host_int("state['count']", state["count"])
         if count < 0:
             raise ValueError(f"state['count'] must be >= 0, got {count}")
         arrays = []
         for key, want in state_shapes(shape, out.dim).items():
             if key not in keys:
-                arrays.append(np.full(want, np.nan))
+                arrays.append(np.full(want, np.nan))  # not kept: NaN, refused by what needs them
                 continue
             a = np.asarray(to_numpy(state[key]), dtype=np.float64)
             if a.shape != want:

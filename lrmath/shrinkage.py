@@ -109,7 +109,11 @@ def ledoit_wolf(data, *, assume_centered: bool = False, target: str = "identity"
     True
     """
     _check_target(target)
-    sums, xp = _power_sums(data, assume_centered)
+    if target == "diagonal" and isinstance(data, Moments) and not data.per_feature:
+        raise ValueError('target="diagonal" needs the per-feature sums, which this Moments does not keep '
+                         "(built with per_feature=False, or loaded from a state without d3 / d4, such as "
+                         "format version 1): accumulate the statistics again with per_feature=True")
+    sums, xp = _power_sums(data, assume_centered, per_feature=target == "diagonal")
     if target == "diagonal":
         return _ledoit_wolf_diagonal(sums, xp)
     S, mu, gap2 = _empirical(sums, xp)
@@ -226,8 +230,11 @@ def shrink(C, shrinkage: float, *, target: str = "identity"):
 
 
 # --------------------------------------------------------------------- helpers
-def _power_sums(data, assume_centered: bool) -> tuple[PowerSums, Any]:
-    """Power sums of the data about the mean, or about the origin when ``assume_centered``."""
+def _power_sums(data, assume_centered: bool, per_feature: bool = False) -> tuple[PowerSums, Any]:
+    """Power sums of the data about the mean, or about the origin when ``assume_centered``.
+
+    Samples get an accumulator of their own, with the entrywise sums only if ``per_feature``.
+    """
     if isinstance(data, Moments):
         if data.count == 0:
             raise ValueError("data is a Moments with count 0: there are no samples to estimate from")
@@ -237,7 +244,7 @@ def _power_sums(data, assume_centered: bool) -> tuple[PowerSums, Any]:
         n, p = data.shape[-2], data.shape[-1]
         if n == 0 or p == 0:
             raise ValueError(f"data is empty (shape {tuple(data.shape)}): need n >= 1 samples of p >= 1 features")
-        acc = Moments(p, batch_shape=tuple(data.shape[:-2]), device=device_of(data))
+        acc = Moments(p, batch_shape=tuple(data.shape[:-2]), device=device_of(data), per_feature=per_feature)
         try:  # update detects NaN / Inf from its sums, without a separate pass over data
             acc.update(data)
         except ValueError:
@@ -286,9 +293,6 @@ def _intensity(beta, delta, xp):
 
 def _ledoit_wolf_diagonal(sums: PowerSums, xp) -> ShrinkageResult:
     """Ledoit-Wolf's intensity for the target ``Diag(S)`` (see :func:`ledoit_wolf`, Notes)."""
-    if not bool(xp.all(xp.isfinite(sums.fourth_diag))):
-        raise ValueError('target="diagonal" needs the per-feature fourth sums, which a Moments loaded from '
-                         "format version 1 does not have: accumulate the statistics again with this lrmath")
     n = float(sums.count)
     S = sums.second / sums.count
     S = (S + xp.matrix_transpose(S)) / 2

@@ -339,8 +339,29 @@ def test_format_1_state_loads_and_refuses_only_what_needs_the_per_feature_sums()
     assert float(lrmath.ledoit_wolf(back).shrinkage) == float(lrmath.ledoit_wolf(X).shrinkage)
     with pytest.raises(ValueError, match="format version 1"):
         lrmath.ledoit_wolf(back, target="diagonal")
+    assert not back.per_feature and "d3" not in back.to_dict()
     with pytest.raises(ValueError, match="missing"):
         lrmath.Moments.from_dict({k: v for k, v in state.items() if k != "d4"})
+
+
+@given(case=split_samples(max_n=60, max_p=8))
+def test_without_per_feature_sums_everything_else_is_identical(case):
+    """per_feature=False only skips D3 / D4: the other sums are bit-identical, the state omits them,
+    a merge with such a stream drops them, and the diagonal target refuses instead of guessing."""
+    X, _, parts, order = case
+    full, lean = lrmath.Moments(X.shape[1]), lrmath.Moments(X.shape[1], per_feature=False)
+    for i in order:
+        full.update(parts[i])
+        lean.update(parts[i])
+    a, b = full.to_dict(), lean.to_dict()
+    assert set(a) - set(b) == {"d3", "d4"}
+    for key in b:
+        np.testing.assert_array_equal(a[key], b[key])
+    back = lrmath.Moments.from_dict(b)
+    assert not back.per_feature and back.to_dict().keys() == b.keys()
+    assert not full.copy().merge(lean).per_feature and "d4" not in full.copy().merge(lean).to_dict()
+    with pytest.raises(ValueError, match="per_feature"):
+        lrmath.ledoit_wolf(lean, target="diagonal")
 
 
 def test_inputs_are_not_mutated_and_any_real_dtype_is_accepted():
