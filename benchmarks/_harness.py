@@ -246,8 +246,9 @@ class Bench:
         ----------
         group : str
             Comparison group; the report computes ratios within it.
-        role : {"baseline", "candidate", "sweep"}
-            The baseline is what a user would otherwise pick.
+        role : {"baseline", "candidate", "floor", "sweep"}
+            The baseline is what a user would otherwise pick; a floor is a bare
+            operation every candidate must contain (its ratio bounds theirs).
         label : str
             Short description of this side (shown in the report).
         backend, dtype, shape

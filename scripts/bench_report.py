@@ -104,8 +104,12 @@ def speedup(baseline: dict, bench: dict) -> tuple[float, float, float]:
     return b["median"] / c["median"], b["q1"] / c["q3"], b["q3"] / c["q1"]
 
 
-def evaluate_goal(goal: dict, bench: dict, baseline: dict | None):
-    """``(measured value, status text)`` for a goal declared in ``extra_info``."""
+def evaluate_goal(goal: dict, bench: dict, baseline: dict | None, floor: dict | None = None):
+    """``(measured value, status text)`` for a goal declared in ``extra_info``.
+
+    With a ``floor`` side in the group, a speedup goal also shows the floor's
+    speedup: the most that any candidate containing that operation can reach.
+    """
     metric, op, target = goal["metric"], goal["op"], float(goal["target"])
     if metric == "speedup":
         if baseline is None:
@@ -122,6 +126,9 @@ def evaluate_goal(goal: dict, bench: dict, baseline: dict | None):
     status = "met" if met else "**MISSED**"
     if metric == "speedup" and low <= target <= high:
         status += " (goal inside the quartile range: not resolved by this run)"
+    if metric == "speedup" and floor is not None:
+        status += f" (bound in this run, {md_escape(floor['extra_info'].get('label', 'floor'))}: " \
+                  f"{fmt_ratio(speedup(baseline, floor)[0])})"
     return shown, status
 
 
@@ -214,6 +221,7 @@ def machine_section(data: dict) -> list[str]:
 
 def comparison_table(name: str, items: list[dict]) -> tuple[list[str], list[tuple]]:
     baseline = next((b for b in items if b["extra_info"].get("role") == "baseline"), None)
+    floor = next((b for b in items if b["extra_info"].get("role") == "floor"), None)
     first = items[0]["extra_info"]
     out = [f"### {md_escape(name)}", "",
            f"device {md_escape(first.get('device'))}, input shape {first.get('shape')}, "
@@ -240,7 +248,7 @@ def comparison_table(name: str, items: list[dict]) -> tuple[list[str], list[tupl
                    f"| {fmt_time(s['median'])} | {fmt_time(s['iqr'])} | {s['rounds']} x {s['iterations']} "
                    f"| {ratio} | {thr} | {md_escape(checks_text(e))} |")
         if e.get("goal"):
-            shown, status = evaluate_goal(e["goal"], b, baseline)
+            shown, status = evaluate_goal(e["goal"], b, baseline, floor)
             goals.append((name, e.get("label", b["name"]), e["goal"]["text"], shown, status))
     return out + [""], goals
 
