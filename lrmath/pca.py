@@ -82,5 +82,5 @@ def pca_truncate(C, r: int) -> PCAResult:
     evals, evecs = xp.linalg.eigh(Cw)
     evals = xp.flip(evals, axis=-1)
     evecs = xp.flip(evecs, axis=-1)
-    dropped = xp.sum(xp.clip(evals[..., r:], min=0.0), axis=-1)
+    dropped = xp.sum(xp.maximum(evals[..., r:], 0.0), axis=-1)  # negative rounding of a PSD C counts 0
     return PCAResult(basis=evecs[..., :, :r], eigenvalues=evals, dropped=dropped)
