@@ -20,6 +20,7 @@ import lrmath
 from lrmath._backend import to_numpy
 from lrmath.testing import samples, seeds, spd_matrices, tolerance
 from proofs_tests.backends import BACKENDS, same_library, to_backend
+from proofs_tests.test_shrinkage import streamed  # shifted samples split into up to 6 parts
 
 
 def diagonal_lw(X, **kw):
@@ -64,14 +65,6 @@ def test_intensity_equals_its_definition_in_exact_arithmetic(case, assume_center
     got = float(diagonal_lw(X, assume_centered=assume_centered).shrinkage)
     n, p = X.shape
     assert abs(got - float(exact)) <= tolerance(n=n * p) * cancellation(X, assume_centered), (got, float(exact))
-
-
-@st.composite
-def streamed(draw):
-    case = draw(samples(min_n=1, max_n=80, max_p=12))
-    rng = np.random.default_rng(draw(seeds()))
-    cuts = np.sort(rng.integers(0, case.X.shape[0] + 1, size=draw(st.integers(0, 5))))
-    return case, np.split(case.X, cuts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -327,16 +327,22 @@ def time_models(models: Mapping[str, torch.nn.Module], pixel_values: torch.Tenso
     -------
     dict of str to float
         Median seconds per forward pass.
+
+    Notes
+    -----
+    Runs under ``torch.inference_mode()``: inference is what is timed, not the
+    autograd bookkeeping a bare call does for parameters that require grad.
     """
     times: dict[str, list[float]] = {name: [] for name in models}
-    for round_ in range(warmup + repeats):
-        for name, model in models.items():
-            device = next(model.parameters()).device
-            x = pixel_values.to(device=device, dtype=next(model.parameters()).dtype)
-            _sync(device)
-            start = time.perf_counter()
-            model(pixel_values=x)
-            _sync(device)
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+    with torch.inference_mode():
+        for round_ in range(warmup + repeats):
+            for name, model in models.items():
+                device = next(model.parameters()).device
+                x = pixel_values.to(device=device, dtype=next(model.parameters()).dtype)
+                _sync(device)
+                start = time.perf_counter()
+                model(pixel_values=x)
+                _sync(device)
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
