@@ -25,6 +25,7 @@ from ..specs import ArchSpec, get_linear, iter_layers, set_linear
 from ..specs_vision import final_norm
 from . import RecipeResult, register
 from .common import group_name, input_plan, run_calibration, timer, weight64
+from .flar_ranks import rescale_ranks, slope_ranks
 from .flar_shrinkage import (HELDOUT_GRID, _check_grid, fold_batches, heldout_error, heldout_intensity,
                              merge_statistics, reference_intensity, resolve_target, shrunk_covariance)
 
@@ -51,81 +52,6 @@ def flar_statistics(model, spec: ArchSpec, batches, *, folds: int = 1, progress:
     if folds == 1:
         return run_calibration(model, spec, batches, plan, progress=progress)
     return [run_calibration(model, spec, part, plan, progress=progress) for part in fold_batches(batches, folds)]
-
-
-def _cost(ranks, shapes) -> int:
-    return sum(r * (m + n) if r is not None else m * n for r, (m, n) in zip(ranks, shapes))
-
-
-def rescale_ranks(ranks, shapes, budget: float, *, multiple: int = 8, caps=None):
-    r"""FLAR's rescale: one factor on all searched ranks so the parameters meet ``budget``.
-
-    ``ranks``: searched ranks (``None``: needed ``k_equiv`` or more); ``shapes``:
-    ``(m, n)``; ``caps``: largest rank each linear may be factorised at (latency).
-    Returns ranks, ``None`` for dense.
-
-    Notes
-    -----
-    With :math:`c_\ell(r) = r (m_\ell + n_\ell)` for :math:`8 \le r \le \min(\mathrm{cap}_\ell, k_{\mathrm{equiv}} - 1)`
-    and :math:`m_\ell n_\ell` (dense) otherwise, :math:`\sum_\ell c_\ell(\lfloor \alpha r_\ell \rfloor_8)`
-    is non-decreasing in :math:`\alpha`; the largest :math:`\alpha` within budget is
-    bisected, then the largest rounding remainders get one more step while the budget allows.
-    """
-    keq = [lrmath.k_equiv(m, n) for m, n in shapes]
-    base = np.array([k if r is None else r for r, k in zip(ranks, keq)], dtype=float)
-    top = [k - 1 if caps is None else min(c, k - 1) for c, k in zip(caps or keq, keq)]
-
-    def at(alpha):
-        out = [max(multiple, int(alpha * b) // multiple * multiple) for b in base]
-        return [r if r <= t else None for r, t in zip(out, top)]
-
-    lo, hi = 0.0, float(max(keq)) / max(base.min(), 1.0) + 1.0
-    if _cost(at(lo), shapes) > budget:
-        return at(lo)  # even the smallest ranks miss the budget
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _cost(at(mid), shapes) <= budget else (lo, mid)
-    out = at(lo)
-    spent = _cost(out, shapes)
-    remainder = (lo * base - np.array([r or 0 for r in out])) / multiple  # what rounding took
-    for i in np.argsort(-remainder, kind="stable"):
-        step = multiple * sum(shapes[i])
-        if out[i] is not None and out[i] + multiple <= top[i] and spent + step <= budget:
-            out[i], spent = out[i] + multiple, spent + step
-    return out
-
-
-def slope_ranks(spectra, shapes, budget: float, *, multiple: int = 8, caps=None):
-    r"""Ranks with equal marginal error per parameter (``allocation="slope"``).
-
-    ``spectra``: per linear, descending :math:`g_\ell \sigma_{\ell,i}^2` (the modelled
-    error of dropping component ``i``); other arguments as in :func:`rescale_ranks`.
-
-    Notes
-    -----
-    Minimises :math:`\sum_\ell g_\ell \sum_{i > r_\ell} \sigma_{\ell,i}^2` s.t.
-    :math:`\sum_\ell c_\ell(r_\ell) \le B` with :func:`lrmath.allocate_ranks` (a
-    certified greedy).  The top grid rank below ``k_equiv`` may cost about ``m n``:
-    there the linear stays dense.  A linear allotted more than its latency cap
-    turns dense, its ``m n`` leaves the budget, and the others are re-allocated
-    until no cap is exceeded.
-    """
-    keq = [lrmath.k_equiv(m, n) for m, n in shapes]
-    top = [lrmath.round_rank(k, multiple) for k in keq]  # the top grid point means dense
-    caps = top if caps is None else caps
-    dense: set[int] = set()
-    while True:
-        live = [i for i in range(len(shapes)) if i not in dense]
-        left = budget - sum(shapes[i][0] * shapes[i][1] for i in dense)
-        if not live or left < multiple * sum(sum(shapes[i]) for i in live):
-            return [None if i in dense else multiple for i in range(len(shapes))]  # the closest one can get
-        alloc = lrmath.allocate_ranks([spectra[i] for i in live], left, cost=np.array([float(sum(shapes[i])) for i in live]),
-                                      multiple=multiple, min_rank=multiple, max_rank=np.array([top[i] for i in live]))
-        ranks = dict(zip(live, (int(r) for r in alloc.ranks)))
-        over = {i for i, r in ranks.items() if r >= keq[i] or r > caps[i]}
-        if not over - {i for i, r in ranks.items() if r >= keq[i]}:
-            return [None if i in dense or ranks[i] >= keq[i] else ranks[i] for i in range(len(shapes))]
-        dense |= {i for i in over if ranks[i] < keq[i]}
 
 
 class _Linear:
