@@ -9,7 +9,7 @@ from ._backend import as_work, device_of, namespace
 from ._validation import check_array, check_finite, check_symmetric
 from .moments import Moments, PowerSums
 
-__all__ = ["ShrinkageResult", "ledoit_wolf", "oas", "shrink"]
+__all__ = ["TARGETS", "ShrinkageResult", "ledoit_wolf", "oas", "shrink"]
 
 
 class ShrinkageResult(NamedTuple):
@@ -65,8 +65,9 @@ def ledoit_wolf(data, *, assume_centered: bool = False, target: str = "identity"
     ------
     ValueError
         On empty data, a ``Moments`` with count 0, wrong ndim or NaN/Inf, an
-        unknown ``target``, or ``target="diagonal"`` on a ``Moments`` loaded
-        from format version 1 (which did not keep the per-feature sums).
+        unknown ``target``, or ``target="diagonal"`` on a ``Moments`` without
+        the per-feature sums (``per_feature=False``, or loaded from a state
+        without them, such as format version 1).
 
     Notes
     -----
@@ -106,6 +107,9 @@ def ledoit_wolf(data, *, assume_centered: bool = False, target: str = "identity"
     >>> X = 5.0 + np.random.default_rng(0).standard_normal((50, 10))
     >>> res = lrmath.ledoit_wolf(X)
     >>> 0.0 <= float(res.shrinkage) <= 1.0
+    True
+    >>> diagonal = lrmath.ledoit_wolf(X, target="diagonal")  # keeps every variance
+    >>> bool(np.allclose(np.diag(diagonal.covariance), X.var(axis=0), rtol=1e-12))
     True
     """
     _check_target(target)
