@@ -16,8 +16,13 @@ Settings (fixed seeds, every number below is measured in this run):
   fitted ONCE on the dense backbone's CLS + mean-patch features of the 3,000
   train digits and scores every backbone on the 2,000 test digits;
   calibration = the first 400 train digits.
+* probe-small: the same probe with calibration = the first 25 train digits
+  (1,625 tokens: 4 per feature of the 384-wide inputs, 1 per feature of the
+  1,536-wide fc2 input), where the covariance estimate is noisy.
 * latency: median of interleaved forward passes (one image) of the dense and
-  the compressed model on this CPU, with one torch thread.
+  the compressed model on this CPU, with one torch thread: 3 warm-up and 15
+  timed rounds under ``torch.inference_mode`` (rows measured before stop 13:
+  2 + 7 rounds with autograd bookkeeping).
 
 Results are kept in a JSON file (``--json``) keyed by setting, method and ratio,
 so runs over different ratios merge; the markdown (``--out``) is generated
@@ -57,31 +62,41 @@ METHODS = {
     "svd-llm": ("SVD-LLM (Cholesky whitening, uniform rank)", "svd-llm", {}),
     "flar-ref-weight": ("FLAR paper: reference shrinkage, weight cosine, bisection", "flar",
                         dict(shrinkage="reference", criterion="weight", allocation="threshold", latency_aware=False)),
-    "flar-lw-weight": ("FLAR paper: Ledoit-Wolf, weight cosine, bisection", "flar",
-                       dict(shrinkage="ledoit_wolf", criterion="weight", allocation="threshold", latency_aware=False)),
+    "flar-lw-weight": ("FLAR paper: Ledoit-Wolf (mu I), weight cosine, bisection", "flar",
+                       dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="weight", allocation="threshold", latency_aware=False)),
     "flar-ref-feature": ("FLAR paper: reference shrinkage, feature MSE, bisection", "flar",
                          dict(shrinkage="reference", criterion="feature", allocation="threshold", latency_aware=False)),
-    "flar-lw-feature": ("FLAR paper: Ledoit-Wolf, feature MSE, bisection", "flar",
-                        dict(shrinkage="ledoit_wolf", criterion="feature", allocation="threshold", latency_aware=False)),
-    "flar-lw-feature-lat": ("FLAR paper: Ledoit-Wolf, feature MSE, bisection, latency-aware", "flar",
-                            dict(shrinkage="ledoit_wolf", criterion="feature", allocation="threshold",
+    "flar-lw-feature": ("FLAR paper: Ledoit-Wolf (mu I), feature MSE, bisection", "flar",
+                        dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature", allocation="threshold", latency_aware=False)),
+    "flar-lw-feature-lat": ("FLAR paper: Ledoit-Wolf (mu I), feature MSE, bisection, latency-aware", "flar",
+                            dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature", allocation="threshold",
                                  latency_aware=True)),
-    "flar-lw-slope": ("FLAR: Ledoit-Wolf, feature gain, equal slope", "flar",
-                      dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=False)),
+    "flar-lw-slope": ("FLAR: Ledoit-Wolf (mu I), feature gain, equal slope", "flar",
+                      dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature", allocation="slope", latency_aware=False)),
     "flar-ref-slope-lat": ("FLAR: reference shrinkage, feature gain, equal slope, latency-aware", "flar",
                            dict(shrinkage="reference", criterion="feature", allocation="slope", latency_aware=True)),
-    "flar-heldout-slope-lat": ("FLAR: held-out shrinkage (grid 0 .. 4 x LW), feature gain, equal slope, "
+    "flar-heldout-slope-lat": ("FLAR: held-out shrinkage (mu I, grid 0 .. 4 x LW), feature gain, equal slope, "
                                "latency-aware", "flar",
-                               dict(shrinkage="heldout",
+                               dict(shrinkage="heldout", shrinkage_target="identity",
                                     heldout_grid=(0.0, 1 / 64, 1 / 16, 1 / 4, 1 / 2, 1.0, 2.0, 4.0),
                                     criterion="feature", allocation="slope", latency_aware=True)),
-    "flar-heldout64-slope-lat": ("FLAR: held-out shrinkage (grid 0 .. 64 x LW), feature gain, equal slope, "
+    "flar-heldout64-slope-lat": ("FLAR: held-out shrinkage (mu I, grid 0 .. 64 x LW), feature gain, equal slope, "
                                  "latency-aware", "flar",
-                                 dict(shrinkage="heldout", heldout_grid=HELDOUT_GRID,
+                                 dict(shrinkage="heldout", shrinkage_target="identity", heldout_grid=HELDOUT_GRID,
                                       criterion="feature", allocation="slope", latency_aware=True)),
-    "full": ("**full FLAR (default)**: Ledoit-Wolf, feature gain, equal slope, latency-aware", "flar",
+    "flar-lwid-slope-lat": ("FLAR: Ledoit-Wolf toward mu I (the default until stop 13), feature gain, equal slope, "
+                            "latency-aware", "flar",
+                            dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature",
+                                 allocation="slope", latency_aware=True)),
+    "full": ("**full FLAR (default)**: Ledoit-Wolf toward Diag(S), feature gain, equal slope, latency-aware", "flar",
              dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=True)),
 }
+
+
+PROBE_SETTINGS = ("probe", "probe-small")
+# one image, interleaved rounds under inference_mode (rows without "latency_protocol": 2 + 7 rounds, autograd on)
+LATENCY_PROTOCOL = {"warmup": 3, "repeats": 15}
+SMALL_CALIBRATION = 25  # digits of probe-small
 
 
 def log(*parts):
@@ -128,16 +143,17 @@ def _paired(row_a, row_b):
 def _significance(results) -> list[str]:
     """Full FLAR against every other probe row of its ratio, paired on the same test digits (McNemar)."""
     out = []
-    for ratio in sorted({r["ratio"] for r in results.values() if r["setting"] == "probe"}):
-        full = results.get(f"probe|full|{ratio}")
+    for setting, ratio in sorted({(r["setting"], r["ratio"]) for r in results.values()
+                                  if r["setting"] in PROBE_SETTINGS}):
+        full = results.get(f"{setting}|full|{ratio}")
         if not full or "correct" not in full:
             continue
         for method in METHODS:
-            other = results.get(f"probe|{method}|{ratio}")
+            other = results.get(f"{setting}|{method}|{ratio}")
             if method == "full" or not other or "correct" not in other:
                 continue
             t = _paired(full, other)
-            out.append(f"| {ratio:g} | {METHODS[method][0]} | {100 * t.difference:+.2f} | {t.only_a} | "
+            out.append(f"| {setting} | {ratio:g} | {METHODS[method][0]} | {100 * t.difference:+.2f} | {t.only_a} | "
                        f"{t.only_b} | {t.p_value:.3g} |")
     if not out:
         return []
@@ -145,8 +161,8 @@ def _significance(results) -> list[str]:
             "McNemar's exact test on the same test digits (`lrmath_hf.evaluate.paired_accuracy_test`): only the "
             "digits exactly one model gets right count. Rows measured before per-digit results were stored are "
             "absent.", "",
-            "| ratio | method | full minus method (pts) | only full right | only method right | p |",
-            "|---|---|---|---|---|---|", *out, ""]
+            "| setting | ratio | method | full minus method (pts) | only full right | only method right | p |",
+            "|---|---|---|---|---|---|---|", *out, ""]
 
 
 def summarise_details(report) -> dict:
@@ -187,8 +203,9 @@ def run_setting(name, model, ratios, methods, results, save, *, batches, score, 
             timings = dict(report.timings)
             if recipe == "flar":
                 timings["calibration"] = shared  # computed once, shared by the FLAR variants
-            latency = time_models({"dense": model, "compressed": compressed}, pixels[:1], warmup=2, repeats=7)
+            latency = time_models({"dense": model, "compressed": compressed}, pixels[:1], **LATENCY_PROTOCOL)
             row = {"setting": name, "method": method, "ratio": ratio, "achieved": report.ratio_achieved,
+                   "latency_protocol": LATENCY_PROTOCOL,
                    "timings": timings, "latency_dense_s": latency["dense"],
                    "latency_s": latency["compressed"], **summarise_details(report), **score(compressed)}
             results[f"{name}|{method}|{ratio}"] = row
@@ -210,14 +227,17 @@ def render(results: dict, meta: dict) -> str:
              f"- machine: {meta.get('device', '')}, torch {meta.get('torch', '')}, "
              f"transformers {meta.get('transformers', '')}; run {meta.get('date', '')}",
              f"- ratios in this table: {', '.join(str(r) for r in sorted({r['ratio'] for r in results.values()}))}",
-             f"- latency table: `{meta.get('latency_cache', '')}`", ""]
+             f"- latency table: `{meta.get('latency_cache', '')}`",
+             "- CPU latency / dense: medians of interleaved one-image forwards; † = 3 warm-up + 15 timed rounds "
+             "under `torch.inference_mode` (since stop 13), otherwise 2 + 7 rounds with autograd bookkeeping", ""]
     for setting, title in (("probe", "MNIST linear probe (112 px, probe fitted on dense features)"),
+                           ("probe-small", "MNIST linear probe, small calibration (25 digits, 1,625 tokens)"),
                            ("fidelity", "Feature fidelity on the evaluation photos (224 px)")):
         rows = [r for r in results.values() if r["setting"] == setting]
         if not rows:
             continue
         lines += [f"## {title}", ""]
-        if setting == "probe":
+        if setting in PROBE_SETTINGS:
             lines += [f"Dense top-1: {100 * meta.get('dense_probe_accuracy', float('nan')):.2f} %.", "",
                       "| method | removed | top-1 % | loss (pts) | loss / SVD-LLM's | CPU latency / dense | "
                       "search forwards | decide s |", "|---|---|---|---|---|---|---|---|"]
@@ -235,12 +255,12 @@ def render(results: dict, meta: dict) -> str:
                 decide = sum(v for k, v in r["timings"].items() if k not in ("calibration", "total"))
                 common = [f"{METHODS[method][0]}", f"{100 * r['achieved']:.1f} %"]
                 predicted = (r.get("latency") or {}).get("predicted_saving_s")
-                lat = f"{r['latency_s'] / r['latency_dense_s']:.2f}"
+                lat = f"{r['latency_s'] / r['latency_dense_s']:.2f}" + ("†" if r.get("latency_protocol") else "")
                 if predicted is not None:  # latency-aware: the table's prediction beside the measurement
                     lat += f" (pred. {1 - predicted / r['latency_dense_s']:.2f})"
                 tail = [lat, f"{fwd:.0f} x {imgs} img" if imgs else "0",
                         f"{decide:.0f}"]
-                if setting == "probe":
+                if setting in PROBE_SETTINGS:
                     loss = 100 * (r["accuracy"] - meta["dense_probe_accuracy"])
                     base_loss = 100 * (base["accuracy"] - meta["dense_probe_accuracy"]) if base else float("nan")
                     share = f"{loss / base_loss:.2f}" if base and base_loss < 0 else "-"
@@ -281,7 +301,7 @@ def _heldout_section(results) -> list[str]:
 
 def _checks(results, meta) -> list[str]:
     out = []
-    keys = {"probe": "accuracy", "fidelity": "cls_cosine"}
+    keys = {"probe": "accuracy", "probe-small": "accuracy", "fidelity": "cls_cosine"}
     for setting, key in keys.items():
         for ratio in sorted({r["ratio"] for r in results.values() if r["setting"] == setting}):
             rows = {r["method"]: r for r in results.values()
@@ -294,7 +314,7 @@ def _checks(results, meta) -> list[str]:
             if not is_best and all("correct" in rows[m] for m in (best, "full")):
                 verdict += f"; paired p = {_paired(rows['full'], rows[best]).p_value:.3g}"
             out.append(f"- {setting} {ratio:.0%}: best {key} = {METHODS[best][0]} ({verdict})")
-            if setting == "probe" and ratio in (0.3, 0.5) and "svd-llm" in rows:
+            if setting in PROBE_SETTINGS and ratio in (0.3, 0.5) and "svd-llm" in rows:
                 dense = meta["dense_probe_accuracy"]
                 ours, theirs = dense - rows["full"]["accuracy"], dense - rows["svd-llm"]["accuracy"]
                 out.append(f"  - probe loss full FLAR {100 * ours:.2f} pts vs SVD-LLM {100 * theirs:.2f} pts: "
@@ -309,7 +329,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--settings", nargs="+", default=["probe", "fidelity"], choices=["probe", "fidelity"])
+    parser.add_argument("--settings", nargs="+", default=["probe", "fidelity"],
+                        choices=["probe", "probe-small", "fidelity"])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results-vit.md")
     parser.add_argument("--json", type=Path, default=default_cache_dir().parent / "vit_results.json")
     parser.add_argument("--threads", type=int, default=1)
@@ -358,12 +379,14 @@ def main(argv=None):
                 latency_cache=str(default_cache_dir()))
     model, _ = zoo.load_model("dinov2-s14")
     sync_mlp_width(model)
-    if "probe" in args.settings:
-        batches, test, test_y, probe, dense_acc = probe_setting(model, args.json.parent / "vit_probe_dense_112.npz")
+    for setting in [s for s in PROBE_SETTINGS if s in args.settings]:
+        batches, test, test_y, probe, dense_acc = probe_setting(
+            model, args.json.parent / "vit_probe_dense_112.npz",
+            n_calibration=SMALL_CALIBRATION if setting == "probe-small" else 400)
         meta["dense_probe_accuracy"] = dense_acc
         log(f"dense probe top-1 {100 * dense_acc:.2f} %")
         score = lambda m: probe_score(probe, evaluate.vit_features(m, test), test_y)  # noqa: E731
-        run_setting("probe", model, args.ratios, args.methods, results, save, batches=batches, score=score,
+        run_setting(setting, model, args.ratios, args.methods, results, save, batches=batches, score=score,
                     pixels=test, search_images=16, redo=args.redo)
     if "fidelity" in args.settings:
         batches, evaluation = fidelity_setting()
