@@ -152,3 +152,26 @@ def test_paired_accuracy_test_is_mcnemars_exact_test():
     with pytest.raises(ValueError, match="one length"):
         evaluate.paired_accuracy_test(a, b[:5])
 
+
+
+def test_paired_score_test_is_wilcoxons_exact_test_on_group_means():
+    """Signed ranks of the unit differences, exact null distribution, against hand-computed values."""
+    a = np.array([0.90, 0.80, 0.70, 0.95, 0.60])
+    b = np.array([0.85, 0.82, 0.60, 0.90, 0.60])
+    t = evaluate.paired_score_test(a, b)
+    # differences +0.05, -0.02, +0.10, +0.05, 0: the zero is dropped; |-0.02| has rank 1, so W- = 1;
+    # of the 2^4 equally likely sign patterns, 2 have W- <= 1 and 2 have W+ <= 1: p = 4 / 16
+    assert (t.wins_a, t.wins_b, t.n) == (3, 1, 5)
+    assert t.mean_difference == pytest.approx(np.mean(a - b), rel=1e-12)
+    assert t.p_value == pytest.approx(4 / 16, rel=1e-12)
+    assert evaluate.paired_score_test(a, a).p_value == 1.0
+    # eight units, all one way: the smallest two-sided p, 2 / 2^8
+    assert evaluate.paired_score_test(np.arange(8) + 1.0, np.zeros(8)).p_value == pytest.approx(2 / 256, rel=1e-12)
+    # groups are averaged first: three crops of one photo count once
+    g = np.array([0, 0, 0, 1, 1])
+    grouped = evaluate.paired_score_test(a, b, groups=g)
+    assert grouped.n == 2 and grouped.mean_difference == pytest.approx(np.mean([np.mean((a - b)[:3]), 0.025]))
+    with pytest.raises(ValueError, match="one length"):
+        evaluate.paired_score_test(a, b[:3])
+    with pytest.raises(ValueError, match="one id per score"):
+        evaluate.paired_score_test(a, b, groups=g[:2])
