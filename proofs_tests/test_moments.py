@@ -71,11 +71,11 @@ def test_merge_and_update_equal_single_pass_in_any_order(backend, case):
     """Sequential updates and a merge of per-batch accumulators, each in a drawn order."""
     X, shift, parts, order = case
     p = X.shape[1]
-    sequential = lrmath.Moments(p)
+    sequential = lrmath.Moments(p, per_feature=True)
     for i in order:
         sequential.update(to_backend(parts[i], backend))
-    pieces = [lrmath.Moments(p).update(to_backend(part, backend)) for part in parts]
-    merged = lrmath.Moments(p)
+    pieces = [lrmath.Moments(p, per_feature=True).update(to_backend(part, backend)) for part in parts]
+    merged = lrmath.Moments(p, per_feature=True)
     for i in order[::-1]:
         merged.merge(pieces[i])
     for acc in (sequential, merged):
@@ -106,7 +106,7 @@ def test_long_host_batches_centred_in_chunks_equal_single_pass(backend, case, ch
 
     X, shift, parts, order = case
     with mock.patch.object(_power_sums, "_HOST_CHUNK", chunk):
-        acc = lrmath.Moments(X.shape[1])
+        acc = lrmath.Moments(X.shape[1], per_feature=True)
         for i in order:
             acc.update(to_backend(parts[i], backend))
     check_against_reference(acc, np.concatenate([parts[i] for i in order]), shift)
@@ -118,7 +118,7 @@ def test_float32_stream_with_large_mean_matches_float64_two_pass(backend, case):
     """float32 batches are accumulated in float64: no float32 rounding of the sums shows up."""
     X, shift, parts, order = case
     X32 = [part.astype(np.float32) for part in parts]
-    acc = lrmath.Moments(X.shape[1])
+    acc = lrmath.Moments(X.shape[1], per_feature=True)
     for i in order:
         acc.update(to_backend(X32[i], backend))
     assert str(acc.covariance().dtype).endswith("float64")
@@ -156,7 +156,7 @@ def test_float32_batches_with_float32_gram_keep_float32_accuracy_and_an_exact_me
     """
     X, shift, parts, order = case
     X32 = [part.astype(np.float32) for part in parts]
-    acc = lrmath.Moments(X.shape[1])
+    acc = lrmath.Moments(X.shape[1], per_feature=True)
     low = np.float32 if backend == "numpy" else __import__("torch").float32
     for i in order:
         acc.update(to_backend(X32[i], backend), gram_dtype=low)
@@ -221,7 +221,7 @@ def test_to_dict_from_dict_round_trip_is_exact(case):
 def test_sums_about_any_point_match_direct_sums(case, seed):
     """``sums(about=c)`` and ``gram`` equal the sums of ``x - c`` computed directly (origin included)."""
     X, shift, parts, _ = case
-    acc = lrmath.Moments(X.shape[1])
+    acc = lrmath.Moments(X.shape[1], per_feature=True)
     for part in parts:
         acc.update(part)
     c = X.mean(axis=0) + np.random.default_rng(seed).standard_normal(X.shape[1]) * X.std()
@@ -331,7 +331,7 @@ def test_format_1_state_loads_and_refuses_only_what_needs_the_per_feature_sums()
     """A state saved before the per-feature sums existed still gives covariance and Ledoit-Wolf toward mu I;
     the diagonal target, which needs them, says why it cannot."""
     X = np.random.default_rng(0).standard_normal((50, 3)) + 2.0
-    state = lrmath.Moments(3).update(X).to_dict()
+    state = lrmath.Moments(3, per_feature=True).update(X).to_dict()
     old = {k: v for k, v in state.items() if k not in ("d3", "d4")}
     old["format_version"] = 1
     back = lrmath.Moments.from_dict(old)
@@ -346,10 +346,10 @@ def test_format_1_state_loads_and_refuses_only_what_needs_the_per_feature_sums()
 
 @given(case=split_samples(max_n=60, max_p=8))
 def test_without_per_feature_sums_everything_else_is_identical(case):
-    """per_feature=False only skips D3 / D4: the other sums are bit-identical, the state omits them,
+    """per_feature=False (the default) only skips D3 / D4: the other sums are bit-identical, the state omits them,
     a merge with such a stream drops them, and the diagonal target refuses instead of guessing."""
     X, _, parts, order = case
-    full, lean = lrmath.Moments(X.shape[1]), lrmath.Moments(X.shape[1], per_feature=False)
+    full, lean = lrmath.Moments(X.shape[1], per_feature=True), lrmath.Moments(X.shape[1])
     for i in order:
         full.update(parts[i])
         lean.update(parts[i])
@@ -360,6 +360,7 @@ def test_without_per_feature_sums_everything_else_is_identical(case):
     back = lrmath.Moments.from_dict(b)
     assert not back.per_feature and back.to_dict().keys() == b.keys()
     assert not full.copy().merge(lean).per_feature and "d4" not in full.copy().merge(lean).to_dict()
+    assert lrmath.Moments(X.shape[1]).merge(full).per_feature  # an empty accumulator takes them over
     with pytest.raises(ValueError, match="per_feature"):
         lrmath.ledoit_wolf(lean, target="diagonal")
 

@@ -71,7 +71,7 @@ def test_intensity_equals_its_definition_in_exact_arithmetic(case, assume_center
 @given(case=streamed(), assume_centered=st.booleans())
 def test_streaming_and_every_backend_equal_the_numpy_estimate(backend, case, assume_centered):
     (X, shift, _), parts = case
-    acc = lrmath.Moments(X.shape[1])
+    acc = lrmath.Moments(X.shape[1], per_feature=True)
     for part in parts:
         acc.update(to_backend(part, backend))
     ref = diagonal_lw(X, assume_centered=assume_centered)
@@ -129,7 +129,7 @@ def test_invariant_to_translation_and_common_scale_equivariant_to_permutation(ca
 def test_batched_data_equals_one_estimate_per_head(batch, case):
     X = case.X
     heads = np.stack([X * (h + 1) + h for h in range(batch)])
-    acc = lrmath.Moments(X.shape[1], batch_shape=(batch,)).update(heads)
+    acc = lrmath.Moments(X.shape[1], batch_shape=(batch,), per_feature=True).update(heads)
     for together in (diagonal_lw(heads), diagonal_lw(acc)):
         assert together.shrinkage.shape == (batch,) and together.target.shape == (batch, X.shape[1])
         for h in range(batch):

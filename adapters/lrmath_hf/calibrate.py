@@ -56,6 +56,10 @@ class CalibrationPlan:
         design guide allows: float32 batches, float64 merges).
     rows_per_update : int
         Rows gathered before each accumulator update.
+    per_feature : bool
+        Input statistics also keep the per-feature sums that
+        ``lrmath.ledoit_wolf(..., target="diagonal")`` needs (FLAR's default
+        shrinkage); off by default, as they cost some of each update.
     """
 
     inputs: Mapping[str, str] = field(default_factory=dict)
@@ -63,6 +67,7 @@ class CalibrationPlan:
     importance: bool = True
     gram_dtype: torch.dtype = torch.float32
     rows_per_update: int = 4096
+    per_feature: bool = False
 
 
 @dataclass
@@ -165,8 +170,9 @@ def _install_hooks(layer: nn.Module, plan: CalibrationPlan) -> tuple[list, dict,
     handles, inputs, heads = [], {}, {}
     for name, path in plan.inputs.items():
         module = layer.get_submodule(path)
-        inputs[name] = buffer = _Buffered(lambda x: lrmath.Moments(x.shape[-1], device=x.device),
-                                          plan.gram_dtype, plan.rows_per_update)
+        inputs[name] = buffer = _Buffered(
+            lambda x: lrmath.Moments(x.shape[-1], device=x.device, per_feature=plan.per_feature),
+            plan.gram_dtype, plan.rows_per_update)
         handles.append(module.register_forward_pre_hook(lambda mod, args, buffer=buffer: buffer.add(_rows(args[0]))))
     for name, (path, n_heads, head_dim) in plan.head_outputs.items():
         module = layer.get_submodule(path)

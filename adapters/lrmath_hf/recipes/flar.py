@@ -48,7 +48,7 @@ def flar_statistics(model, spec: ArchSpec, batches, *, folds: int = 1, progress:
     """
     if int(folds) != folds or folds < 1:
         raise ValueError(f"folds must be a positive integer, got {folds!r}")
-    plan = input_plan(spec, importance=False)
+    plan = input_plan(spec, importance=False, per_feature=True)  # the diagonal shrinkage target needs them
     if folds == 1:
         return run_calibration(model, spec, batches, plan, progress=progress)
     return [run_calibration(model, spec, part, plan, progress=progress) for part in fold_batches(batches, folds)]
