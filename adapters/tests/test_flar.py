@@ -131,10 +131,11 @@ def test_weight_criterion_needs_no_forward_pass(dense, allocation):
 def test_reference_intensity_is_rounding_noise_and_ledoit_wolf_is_not():
     rng = np.random.default_rng(0)
     X = torch.from_numpy(rng.standard_normal((40, 64)) * np.logspace(0, 2, 64))  # n < p: shrinkage matters
-    moments = lrmath.Moments(64).update(X)
-    _, lw = shrunk_covariance(moments, "ledoit_wolf")
+    moments = lrmath.Moments(64, per_feature=True).update(X)
+    _, lw = shrunk_covariance(moments, "ledoit_wolf")  # toward Diag(S), FLAR's default
+    _, lw_identity = shrunk_covariance(moments, "ledoit_wolf", target="identity")
     _, oas = shrunk_covariance(moments, "oas")
-    assert lw > 0.05 and oas > 0.05
+    assert lw > 0.05 and lw_identity > 0.05 and oas > 0.05
     S = moments.covariance()
     assert reference_intensity(S) < 1e-2 <= lw  # tr S - tr(mean(diag S) I) is zero up to rounding
     C, s = shrunk_covariance(moments, 0.25)
