@@ -66,7 +66,7 @@ LW_SIDES = {
     "moments": ("candidate", "Moments.update per chunk, then lrmath.ledoit_wolf(moments)"),
     "moments-f32gram": ("candidate",
                         "Moments.update(gram_dtype=float32) per chunk, then lrmath.ledoit_wolf"),
-    "floor": ("floor", "bare float64 X.T @ X, nothing else (what any method forming S pays at least)"),
+    "floor": ("floor", "floor: the bare float64 X.T @ X (any method forming S pays at least this)"),
 }
 
 
