@@ -208,6 +208,11 @@ def _checks(results, meta) -> list[str]:
             verdict = "full FLAR is best" if is_best else "full FLAR is NOT best"
             if not is_best and all("correct" in rows[m] for m in (best, "full")):
                 verdict += f"; paired p = {_paired(rows['full'], rows[best]).p_value:.3g}"
+            groups = meta.get("fidelity_groups")
+            if not is_best and groups and all(rows[m].get("cls_cosine_per_image") for m in (best, "full")):
+                t = evaluate.paired_score_test(rows["full"]["cls_cosine_per_image"],
+                                               rows[best]["cls_cosine_per_image"], groups)
+                verdict += f"; paired p = {t.p_value:.3g} over the {t.n} photos"
             out.append(f"- {setting} {ratio:.0%}: best {key} = {METHODS[best][0]} ({verdict})")
             if setting in PROBE_SETTINGS and ratio in (0.3, 0.5) and "svd-llm" in rows:
                 dense = meta["dense_probe_accuracy"]
