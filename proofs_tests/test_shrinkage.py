@@ -106,14 +106,20 @@ def test_intensity_in_unit_interval_and_result_spd(name, case, assume_centered):
         assert np.all(np.linalg.cholesky(res.covariance).diagonal() > 0)
 
 
-def exact_ledoit_wolf_shrinkage(X, assume_centered):
-    """The Ledoit-Wolf intensity of the float64 data in rational arithmetic."""
+def exact_rows_and_covariance(X, assume_centered):
+    """The (centred) rows and ``S`` of the float64 data as exact rationals."""
     n, p = X.shape
     rows = [[Fraction(float(v)) for v in row] for row in X]
     if not assume_centered:
         mean = [sum(r[j] for r in rows) / n for j in range(p)]
         rows = [[r[j] - mean[j] for j in range(p)] for r in rows]
-    S = [[sum(r[i] * r[j] for r in rows) / n for j in range(p)] for i in range(p)]
+    return rows, [[sum(r[i] * r[j] for r in rows) / n for j in range(p)] for i in range(p)]
+
+
+def exact_ledoit_wolf_shrinkage(X, assume_centered):
+    """The Ledoit-Wolf intensity of the float64 data in rational arithmetic."""
+    n, p = X.shape
+    rows, S = exact_rows_and_covariance(X, assume_centered)
     mu = sum(S[i][i] for i in range(p)) / p
     delta = sum((S[i][j] - (mu if i == j else 0)) ** 2 for i in range(p) for j in range(p)) / p
     fourth = sum(sum(v * v for v in r) ** 2 for r in rows)

@@ -20,7 +20,7 @@ import lrmath
 from lrmath._backend import to_numpy
 from lrmath.testing import samples, seeds, spd_matrices, tolerance
 from proofs_tests.backends import BACKENDS, same_library, to_backend
-from proofs_tests.test_shrinkage import streamed  # shifted samples split into up to 6 parts
+from proofs_tests.test_shrinkage import exact_rows_and_covariance, streamed  # shifted samples, split
 
 
 def diagonal_lw(X, **kw):
@@ -30,11 +30,7 @@ def diagonal_lw(X, **kw):
 def exact_intensity(X, assume_centered):
     """The intensity by its definition, term by term, in rational arithmetic."""
     n, p = X.shape
-    rows = [[Fraction(float(v)) for v in row] for row in X]
-    if not assume_centered:
-        mean = [sum(r[j] for r in rows) / n for j in range(p)]
-        rows = [[r[j] - mean[j] for j in range(p)] for r in rows]
-    S = [[sum(r[i] * r[j] for r in rows) / n for j in range(p)] for i in range(p)]
+    rows, S = exact_rows_and_covariance(X, assume_centered)
     pairs = [(i, j) for i in range(p) for j in range(p) if i != j]
     delta = sum(S[i][j] ** 2 for i, j in pairs)
     beta = sum((r[i] * r[j] - S[i][j]) ** 2 for r in rows for i, j in pairs) / (n * n)
