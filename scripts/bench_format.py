@@ -87,6 +87,23 @@ def speedup(baseline: dict, bench: dict) -> tuple[float, float, float]:
     return b["median"] / c["median"], b["q1"] / c["q3"], b["q3"] / c["q1"]
 
 
+def baseline_first(items: list[dict], baseline: dict | None) -> list[dict]:
+    """The group's sides with the baseline (if any) first, the others in run order."""
+    return ([baseline] if baseline else []) + [b for b in items if b is not baseline]
+
+
+def ratio_cell(bench: dict, baseline: dict | None, *, invert: bool = False) -> str:
+    """``speedup (IQR range)`` of ``bench`` over ``baseline``; ``invert`` gives time / baseline time."""
+    if baseline is None:
+        return "no baseline"
+    if bench is baseline:
+        return "1.00x (baseline)"
+    v, lo, hi = speedup(baseline, bench)
+    if invert:
+        v, lo, hi = 1 / v, 1 / hi, 1 / lo
+    return f"{fmt_ratio(v)} ({fmt_ratio(lo)}-{fmt_ratio(hi)})"
+
+
 def evaluate_goal(goal: dict, bench: dict, baseline: dict | None, floor: dict | None = None):
     """``(measured value, status text)`` for a goal declared in ``extra_info``.
 

@@ -25,8 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench_format import (checks_text, evaluate_goal, fmt_ratio, fmt_time, group_benchmarks,
-                          growth_exponents, md_escape, stats_of, speedup)
+from bench_format import (baseline_first, checks_text, evaluate_goal, fmt_time, group_benchmarks,
+                          growth_exponents, md_escape, ratio_cell, stats_of)
 from bench_report_e2e import e2e_section, is_e2e
 
 FULL_COMMAND = ("LRMATH_BENCH_FULL=1 nice -n 10 .venv/bin/python -m pytest benchmarks "
@@ -97,16 +97,9 @@ def comparison_table(name: str, items: list[dict]) -> tuple[list[str], list[tupl
            "| speedup vs baseline (IQR range) | throughput | checks |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     goals = []
-    ordered = ([baseline] if baseline else []) + [b for b in items if b is not baseline]
-    for b in ordered:
+    for b in baseline_first(items, baseline):
         e, s = b["extra_info"], stats_of(b)
-        if baseline is None:
-            ratio = "no baseline"
-        elif b is baseline:
-            ratio = "1.00x (baseline)"
-        else:
-            v, lo, hi = speedup(baseline, b)
-            ratio = f"{fmt_ratio(v)} ({fmt_ratio(lo)}-{fmt_ratio(hi)})"
+        ratio = ratio_cell(b, baseline)
         thr = "-"
         if e.get("items"):
             thr = f"{e['items'] / s['median']:.3g} {e.get('items_unit', 'items')}/s"

@@ -6,8 +6,8 @@ records of ``benchmarks/test_bench_e2e.py`` only; ``bench_report.py`` places the
 
 from __future__ import annotations
 
-from bench_format import (evaluate_goal, fmt_bytes, fmt_count, fmt_ratio, fmt_time, group_benchmarks,
-                          md_escape, stats_of, speedup)
+from bench_format import (baseline_first, evaluate_goal, fmt_bytes, fmt_count, fmt_ratio, fmt_time,
+                          group_benchmarks, md_escape, ratio_cell, stats_of)
 
 
 def is_e2e(bench: dict) -> bool:
@@ -43,12 +43,7 @@ def _tokens_per_s(bench: dict) -> str:
 
 
 def _speedup_cell(bench: dict | None, baseline: dict | None) -> str:
-    if bench is None or baseline is None:
-        return "-"
-    if bench is baseline:
-        return "1.00x (baseline)"
-    v, lo, hi = speedup(baseline, bench)
-    return f"{fmt_ratio(v)} ({fmt_ratio(lo)}-{fmt_ratio(hi)})"
+    return "-" if bench is None or baseline is None else ratio_cell(bench, baseline)
 
 
 def e2e_compress_table(name: str, items: list[dict], goals: list) -> list[str]:
@@ -72,16 +67,9 @@ def e2e_compress_table(name: str, items: list[dict], goals: list) -> list[str]:
            "| side | median | IQR | rounds | time / dense forward (IQR range) | goal | "
            "linears removed | calibration / decisions / surgery (last round) | top-1 agreement with dense |",
            "|---|---|---|---|---|---|---|---|---|"]
-    ordered = ([baseline] if baseline else []) + [b for b in items if b is not baseline]
-    for b in ordered:
+    for b in baseline_first(items, baseline):
         e, s = b["extra_info"], stats_of(b)
-        if baseline is None:
-            rel = "no baseline"
-        elif b is baseline:
-            rel = "1.00x (baseline)"
-        else:
-            v, lo, hi = speedup(baseline, b)
-            rel = f"{fmt_ratio(1 / v)} ({fmt_ratio(1 / hi)}-{fmt_ratio(1 / lo)})"
+        rel = ratio_cell(b, baseline, invert=True)
         status = _e2e_goal(b, baseline, goals, name)
         if e.get("goal") and status != "-":
             status = f"<= {1 / float(e['goal']['target']):.3g}x: {status}"
