@@ -258,10 +258,15 @@ def _power_sums(data, assume_centered: bool, per_feature: bool = False) -> tuple
     return sums, namespace(sums.second)
 
 
+def _sample_covariance(sums: PowerSums, xp):
+    """``S = second / n``, exactly symmetric for the decompositions downstream."""
+    S = sums.second / sums.count
+    return (S + xp.matrix_transpose(S)) / 2
+
+
 def _empirical(sums: PowerSums, xp):
     """``S = second / n``, ``mu = tr S / p`` and ``||S - mu I||_F^2``."""
-    S = sums.second / sums.count
-    S = (S + xp.matrix_transpose(S)) / 2  # exact symmetry for the decompositions downstream
+    S = _sample_covariance(sums, xp)
     p = S.shape[-1]
     mu = xp.linalg.trace(S) / p
     eye = xp.eye(p, dtype=S.dtype, device=device_of(S))
@@ -298,8 +303,7 @@ def _intensity(beta, delta, xp):
 def _ledoit_wolf_diagonal(sums: PowerSums, xp) -> ShrinkageResult:
     """Ledoit-Wolf's intensity for the target ``Diag(S)`` (see :func:`ledoit_wolf`, Notes)."""
     n = float(sums.count)
-    S = sums.second / sums.count
-    S = (S + xp.matrix_transpose(S)) / 2
+    S = _sample_covariance(sums, xp)
     off = _off_diagonal(S, xp)
     delta = xp.sum(off * off, axis=(-2, -1))
     beta = ((sums.fourth - xp.sum(sums.fourth_diag, axis=-1)) / n - delta) / n
