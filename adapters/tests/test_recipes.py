@@ -327,3 +327,42 @@ def test_precomputed_statistics_are_not_recorded_as_an_option():
                                 stats=stats, selection="obs")
     assert report.options == {"selection": "obs"}
     assert "stats" not in json.loads(report.to_json())["options"]
+
+
+def test_damped_cholesky_handles_semidefinite_dead_and_indefinite_blocks():
+    """Gram statistics PSD only to float32 rounding get the first damping that factors; zero blocks are dead."""
+    from lrmath.whitening import CHOLESKY_SCHEDULE
+    from lrmath_hf.recipes.flat_output import _damped_cholesky
+
+    gen = torch.Generator().manual_seed(0)
+    k = 48
+    X = torch.randn(k, 6, generator=gen, dtype=torch.float32) * torch.logspace(0, 3, 6)
+    rank_deficient = (X @ X.T).to(torch.float64)  # rank 6, float32 rounding: not PD numerically
+    spd = torch.eye(k, dtype=torch.float64) + 0.1 * torch.ones(k, k, dtype=torch.float64)
+    A = torch.stack([rank_deficient, torch.zeros(k, k, dtype=torch.float64), spd])
+    L, alive = _damped_cholesky(A, 1e-12)
+    assert alive.tolist() == [True, False, True]
+    assert torch.equal(L, torch.tril(L))
+    assert torch.equal(L[1], torch.eye(k, dtype=torch.float64))
+    for h in (0, 2):
+        m = float(A[h].diagonal().mean())
+        shift = (L[h] @ L[h].T - A[h]).diagonal() / m  # the relative damping actually used
+        alpha = float(shift.mean())
+        assert alpha <= CHOLESKY_SCHEDULE[-1] * (1 + 1e-9)
+        off = L[h] @ L[h].T - A[h] - alpha * m * torch.eye(k, dtype=torch.float64)
+        assert float(off.abs().max()) <= 1e-10 * float(A[h].abs().max())
+    assert float((L[2] @ L[2].T - spd).abs().max()) <= 1e-9  # SPD: the requested 1e-12 was enough
+    for bad in (-torch.eye(3, dtype=torch.float64), torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))):
+        with pytest.raises(ValueError, match="not positive semidefinite"):
+            _damped_cholesky(bad[None], 1e-12)
+
+
+@pytest.mark.parametrize("recipe", ["flat", "auto"])
+def test_output_aware_flat_survives_collinear_calibration(recipe):
+    """Fewer calibration tokens than o_proj inputs (a rank-deficient float32 Gram) still compresses."""
+    model = tiny_model("llama", dtype=torch.float32)
+    batches = [token_batch(seed=11, batch=1, length=5)]
+    options = {"refit_o": True} if recipe == "flat" else {}
+    report = lrmath_hf.compress(model, batches, recipe=recipe, ratio=0.3, progress=False, **options)
+    assert report.ratio_achieved > 0
+    assert torch.isfinite(model(token_batch(seed=5)).logits).all()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import lrmath
+from lrmath.whitening import CHOLESKY_SCHEDULE
 
 from ..specs import ArchSpec, get_linear
 from .common import gram_psd_rtol, weight64
@@ -26,7 +27,10 @@ def _refit_o(model, spec: ArchSpec, layer: int, moments, w_o: torch.Tensor, base
     ``P = blockdiag(Q_{g(h)})``: the folded heads deliver ``P^T z`` exactly, so
     this is the output-optimal ``o_proj`` for them (FLAT's ``W_o P`` is the
     special case ``C`` block-diagonal with ``Q`` invariant). ``lam`` is
-    ``damping`` times the mean diagonal of ``P^T C P``.
+    ``damping`` times the mean diagonal of ``P^T C P``, raised along
+    :data:`lrmath.whitening.CHOLESKY_SCHEDULE` where ``P^T C P`` is positive definite only
+    to the rounding of a float32-accumulated Gram (few or nearly collinear
+    tokens), see :func:`_damped_cholesky`.
     """
     o_proj = get_linear(model, layer, "o", spec)
     kv_of_head = torch.arange(spec.num_heads) // spec.group_size
@@ -35,11 +39,56 @@ def _refit_o(model, spec: ArchSpec, layer: int, moments, w_o: torch.Tensor, base
     C = moments.second_moment().to(torch.float64).cpu()
     CP = C @ P
     A = P.T @ CP
-    A = A + damping * float(torch.diagonal(A).mean()) * torch.eye(A.shape[0], dtype=A.dtype)
-    L = torch.linalg.cholesky(A)
-    W = torch.cholesky_solve((w_o.cpu() @ CP).T, L).T
+    L, alive = _damped_cholesky(A[None], damping)
+    Y = w_o.to(torch.float64).cpu() @ CP
+    # A == 0: the kept code carries no signal (C P = 0 for PSD C), so its least-squares weight is 0
+    W = torch.cholesky_solve(Y.T, L[0]).T if alive[0] else torch.zeros_like(Y)
     with torch.no_grad():
         o_proj.weight.copy_(W.to(device=o_proj.weight.device, dtype=o_proj.weight.dtype))
+
+
+def _damped_cholesky(A: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Lower Cholesky factors of ``A_h + alpha_h m_h I`` for a batch of PSD matrices ``A`` (B, k, k).
+
+    ``m_h`` is the mean diagonal of ``A_h``; ``alpha_h`` starts at ``damping`` and
+    is raised along :data:`lrmath.whitening.CHOLESKY_SCHEDULE` (as :func:`lrmath.whiten`
+    does) until the factorisation succeeds. Statistics accumulated with float32
+    Grams are PSD only to about ``10 N eps_32`` relative, so with few or nearly
+    collinear calibration tokens the undamped factorisation can fail.
+
+    Returns
+    -------
+    L : torch.Tensor (B, k, k)
+        The factors; the identity where ``A_h`` is zero.
+    alive : torch.Tensor of bool (B,)
+        False where ``A_h`` is exactly zero (a head that never carries signal).
+
+    Raises
+    ------
+    ValueError
+        If some nonzero ``A_h`` has a non-positive mean diagonal, or fails even
+        at the schedule's largest damping: it is then not PSD to rounding,
+        which no calibration statistic can be.
+    """
+    scale = A.diagonal(dim1=-2, dim2=-1).mean(-1)
+    alive = A.flatten(1).abs().amax(-1) > 0
+    if bool((alive & (scale <= 0)).any()):
+        raise ValueError("matrices with a non-positive mean diagonal that are not zero are not positive semidefinite")
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    L = eye.expand_as(A).clone()
+    todo = alive.clone()
+    for alpha in [damping] + [a for a in CHOLESKY_SCHEDULE if a > damping]:
+        if not bool(todo.any()):
+            break
+        idx = todo.nonzero().flatten()
+        factor, info = torch.linalg.cholesky_ex(A[idx] + (alpha * scale[idx])[:, None, None] * eye)
+        ok = info == 0
+        L[idx[ok]] = factor[ok]
+        todo[idx[ok]] = False
+    if bool(todo.any()):
+        raise ValueError(f"matrices {todo.nonzero().flatten().tolist()} are not positive semidefinite "
+                         f"to rounding: Cholesky failed up to damping {CHOLESKY_SCHEDULE[-1]:g}")
+    return L, alive
 
 
 def _o_head_blocks(spec: ArchSpec, moments) -> torch.Tensor:
@@ -97,9 +146,9 @@ def _value_output_losses(spec: ArchSpec, moments, w_o: torch.Tensor, bases: torc
     # A_r the leading block) is the energy of the first r rows of L^-1 B^T, so one factorisation
     # per head prices every r
     A = Q.transpose(1, 2) @ Ch @ Q
-    A = A + 1e-12 * A.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)[:, None, None] * torch.eye(d, dtype=A.dtype)
-    L = torch.linalg.cholesky(A)
-    Z = torch.linalg.solve_triangular(L, (W @ Ch @ Q).transpose(1, 2), upper=False)  # (H, d, n)
+    L, alive = _damped_cholesky(A, 1e-12)
+    B = (W @ Ch @ Q) * alive[:, None, None]  # a dead head (A_h = 0, hence C_h Q = 0) keeps nothing
+    Z = torch.linalg.solve_triangular(L, B.transpose(1, 2), upper=False)  # (H, d, n)
     kept = torch.cumsum((Z**2).sum(dim=(0, 2)), 0)
     return torch.cat([torch.tensor([total], dtype=torch.float64), (total - kept).clamp_min(0.0)])
 
