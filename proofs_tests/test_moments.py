@@ -133,7 +133,7 @@ def test_float32_gram_of_centred_batches_keeps_float32_accuracy_despite_large_me
     float32 rounding of the spread (n * eps32), whatever the mean; mean and merges stay exact."""
     X, shift, parts, order = case
     acc = lrmath.Moments(X.shape[1])
-    gram_dtype = np.float32 if backend == "numpy" else __import__("torch").float32
+    gram_dtype = __import__("torch").float32 if backend.startswith("torch") else np.float32  # cupy: numpy dtypes
     for i in order:
         acc.update(to_backend(parts[i], backend), gram_dtype=gram_dtype)
     mean, M2, _, _ = reference(X)
@@ -157,7 +157,7 @@ def test_float32_batches_with_float32_gram_keep_float32_accuracy_and_an_exact_me
     X, shift, parts, order = case
     X32 = [part.astype(np.float32) for part in parts]
     acc = lrmath.Moments(X.shape[1], per_feature=True)
-    low = np.float32 if backend == "numpy" else __import__("torch").float32
+    low = __import__("torch").float32 if backend.startswith("torch") else np.float32  # cupy: numpy dtypes
     for i in order:
         acc.update(to_backend(X32[i], backend), gram_dtype=low)
     exact = np.concatenate([X32[i] for i in order]).astype(np.float64)

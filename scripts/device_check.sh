@@ -8,7 +8,8 @@
 # 3. end-to-end prefill / decode of the saved SmolLM2 structures (SHAPES_DIR/ratio-*, written by
 #    `lrmath compress ... --ratio 0.1 0.2 0.3 0.4 0.5`) against dense, random weights;
 # 4. FLAR's latency caps per linear shape;
-# 5. the 4,096 x 11,008 whitened SVD.
+# 5. which eigensolver path is fastest for a layer's heads;
+# 6. the 4,096 x 11,008 whitened SVD.
 # Each stage has its own time limit, so one slow stage cannot take the others' results with it.
 set -u
 OUT=${1:?output folder}
@@ -16,7 +17,7 @@ SHAPES=${2:-.gpu/shapes}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/adapters${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-STAGES=${STAGES:-proofs bench shapes caps huge}  # a subset reruns part of it
+STAGES=${STAGES:-proofs bench shapes caps eigh huge}  # a subset reruns part of it
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { echo; echo "=== $1 ($(date -u +%T))"; }
 
@@ -54,7 +55,8 @@ if want shapes; then
 stage "end to end, saved structures"
 if ls -d "$SHAPES"/ratio-* >/dev/null 2>&1; then
     timeout -s INT -k 15 "${T_SHAPES:-150}" $PY scripts/gpu_shapes_e2e.py "$SHAPES"/ratio-* --device cuda \
-        --compress-windows "${COMPRESS_WINDOWS:-64}" --json "$OUT/shapes.json"
+        --dtypes ${SHAPES_DTYPES:-float32 bfloat16} --compress-windows "${COMPRESS_WINDOWS:-64}" \
+        --json "$OUT/shapes.json"
     echo "shapes exit $?"
 else
     echo "no $SHAPES/ratio-*: skipped"
@@ -66,6 +68,12 @@ stage "latency caps"
 timeout -s INT -k 15 "${T_CAPS:-90}" $PY scripts/latency_caps.py --device cuda --dtypes float32 bfloat16 \
     --json "$OUT/caps.json"
 echo "caps exit $?"
+fi
+
+if want eigh; then
+stage "eigensolver paths for a layer's heads"
+timeout -s INT -k 15 "${T_EIGH:-60}" $PY scripts/eigh_paths.py --json "$OUT/eigh_paths.json"
+echo "eigh exit $?"
 fi
 
 if want huge; then

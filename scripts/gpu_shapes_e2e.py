@@ -84,36 +84,41 @@ def n_params(model) -> int:
 
 
 @torch.inference_mode()
-def time_all(models: dict, device, vocab: int, *, warmup: int, prefill_rounds: int, decode_rounds: int) -> dict:
+def time_all(models: dict, device, vocab: int, *, warmup: int, prefill_rounds: int, decode_rounds: int,
+             prefill_batches=(1,)) -> dict:
+    """Median seconds per model of each phase: ``prefill_b{B}`` (B x 512 tokens) and ``decode``."""
     gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, vocab, (1, PREFILL), generator=gen).to(device)
-    short = prompt[:, :PROMPT].contiguous()
+    prompts = {b: torch.randint(0, vocab, (b, PREFILL), generator=gen).to(device) for b in prefill_batches}
+    short = prompts[min(prefill_batches)][:1, :PROMPT].contiguous()
 
-    def prefill(m):
-        return m(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True).logits
+    def prefill(ids):
+        return lambda m: m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).logits
 
     def decode(m):
-        return m.generate(input_ids=short, attention_mask=torch.ones_like(short), max_new_tokens=DECODE,
-                          min_new_tokens=DECODE, do_sample=False, use_cache=True, pad_token_id=0)
+        out = m.generate(input_ids=short, attention_mask=torch.ones_like(short), max_new_tokens=DECODE,
+                         min_new_tokens=DECODE, do_sample=False, use_cache=True, pad_token_id=0)
+        assert out.shape == (1, PROMPT + DECODE), out.shape
+        return out
 
-    out = {name: {"prefill_s": [], "decode_s": []} for name in models}
-    for phase, fn, rounds in (("prefill_s", prefill, prefill_rounds), ("decode_s", decode, decode_rounds)):
+    phases = [(f"prefill_b{b}", prefill(ids), prefill_rounds, b * PREFILL) for b, ids in prompts.items()]
+    phases.append(("decode", decode, decode_rounds, DECODE))
+    times = {name: {phase: [] for phase, *_ in phases} for name in models}
+    for phase, fn, rounds, _ in phases:
         for r in range(warmup + rounds):
             for name, m in models.items():  # interleaved: drifts hit every model alike
                 _sync(device)
                 start = time.perf_counter()
-                res = fn(m)
+                fn(m)
                 _sync(device)
                 if r >= warmup:
-                    out[name][phase].append(time.perf_counter() - start)
-                if phase == "decode_s":
-                    assert res.shape == (1, PROMPT + DECODE), res.shape
+                    times[name][phase].append(time.perf_counter() - start)
     summary = {}
-    for name, t in out.items():
-        p, d = statistics.median(t["prefill_s"]), statistics.median(t["decode_s"])
-        summary[name] = {"prefill_median_s": p, "decode_median_s": d,
-                         "prefill_tokens_per_s": PREFILL / p, "decode_tokens_per_s": DECODE / d,
-                         "prefill_s": t["prefill_s"], "decode_s": t["decode_s"]}
+    for name in models:
+        row = {}
+        for phase, _, _, tokens in phases:
+            t = statistics.median(times[name][phase])
+            row[phase] = {"median_s": t, "tokens_per_s": tokens / t, "seconds": times[name][phase]}
+        summary[name] = row
     return summary
 
 
@@ -170,9 +175,11 @@ def main(argv=None) -> int:
     ap.add_argument("folders", nargs="+", type=Path, help="folders written by lrmath compress")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--prefill-rounds", type=int, default=20)
-    ap.add_argument("--decode-rounds", type=int, default=5)
+    ap.add_argument("--decode-rounds", type=int, default=3)
+    ap.add_argument("--prefill-batches", type=int, nargs="+", default=[1, 32],
+                    help="prefill batch sizes (each row 512 tokens)")
     ap.add_argument("--compress-windows", type=int, default=64, help="0: skip the compression timing")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--json", type=Path, required=True)
@@ -196,16 +203,17 @@ def main(argv=None) -> int:
         for name, m in models.items():
             facts[name]["peak_prefill_bytes"] = peak_bytes(m, device, vocab)
         timing = time_all(models, device, vocab, warmup=args.warmup, prefill_rounds=args.prefill_rounds,
-                          decode_rounds=args.decode_rounds)
-        rows = {name: {**facts[name], **timing[name]} for name in models}
+                          decode_rounds=args.decode_rounds, prefill_batches=args.prefill_batches)
+        rows = {name: {**facts[name], "phases": timing[name]} for name in models}
         dense = rows["dense"]
         for name, row in rows.items():
             row["params_ratio"] = dense["params"] / row["params"]
-            row["prefill_speedup"] = dense["prefill_median_s"] / row["prefill_median_s"]
-            row["decode_speedup"] = dense["decode_median_s"] / row["decode_median_s"]
+            cells = []
+            for phase, t in row["phases"].items():
+                t["speedup"] = dense["phases"][phase]["median_s"] / t["median_s"]
+                cells.append(f"{phase} {t['tokens_per_s']:9.1f} tok/s ({t['speedup']:.2f}x)")
             print(f"{dtype_name:9s} {name:12s} params {row['params'] / 1e6:7.2f}M ({row['params_ratio']:.3f}x)  "
-                  f"prefill {row['prefill_tokens_per_s']:9.0f} tok/s ({row['prefill_speedup']:.2f}x)  "
-                  f"decode {row['decode_tokens_per_s']:7.1f} tok/s ({row['decode_speedup']:.2f}x)", flush=True)
+                  + "  ".join(cells), flush=True)
         result["runs"][dtype_name] = rows
         del models
         if device.type == "cuda":
