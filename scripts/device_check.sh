@@ -51,12 +51,18 @@ LRMATH_BENCH_FULL=1 LRMATH_BENCH_BUDGET=${BENCH_BUDGET:-2} timeout -s INT -k 15 
 echo "bench exit $?"
 fi
 
+if want eigh; then
+stage "eigensolver paths for a layer's heads"
+timeout -s INT -k 15 "${T_EIGH:-60}" $PY scripts/eigh_paths.py --json "$OUT/eigh_paths.json"
+echo "eigh exit $?"
+fi
+
 if want shapes; then
 stage "end to end, saved structures"
 if ls -d "$SHAPES"/ratio-* >/dev/null 2>&1; then
     timeout -s INT -k 15 "${T_SHAPES:-150}" $PY scripts/gpu_shapes_e2e.py "$SHAPES"/ratio-* --device cuda \
         --dtypes ${SHAPES_DTYPES:-float32 bfloat16} --compress-windows "${COMPRESS_WINDOWS:-64}" \
-        --json "$OUT/shapes.json"
+        ${SHAPES_ARGS:-} --json "$OUT/shapes.json"
     echo "shapes exit $?"
 else
     echo "no $SHAPES/ratio-*: skipped"
@@ -68,12 +74,6 @@ stage "latency caps"
 timeout -s INT -k 15 "${T_CAPS:-90}" $PY scripts/latency_caps.py --device cuda --dtypes float32 bfloat16 \
     --json "$OUT/caps.json"
 echo "caps exit $?"
-fi
-
-if want eigh; then
-stage "eigensolver paths for a layer's heads"
-timeout -s INT -k 15 "${T_EIGH:-60}" $PY scripts/eigh_paths.py --json "$OUT/eigh_paths.json"
-echo "eigh exit $?"
 fi
 
 if want huge; then
