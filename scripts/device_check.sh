@@ -38,7 +38,7 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${GPU_WORKERS:-8}")
 
 if want proofs; then
 stage "proofs on torch-cuda and cupy"
-timeout -s INT -k 15 "${T_PROOFS:-200}" $PY -m pytest ${PROOFS:-proofs_tests} -m gpu $XDIST -q -rfE --tb=short \
+timeout -s INT -k 15 "${T_PROOFS:-200}" $PY -m pytest ${PROOFS:-proofs_tests adapters/tests} -m gpu $XDIST -q -rfE --tb=short \
     -p no:cacheprovider --junitxml="$OUT/proofs.xml"
 echo "proofs exit $?"
 fi

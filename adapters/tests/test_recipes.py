@@ -366,3 +366,25 @@ def test_output_aware_flat_survives_collinear_calibration(recipe):
     report = lrmath_hf.compress(model, batches, recipe=recipe, ratio=0.3, progress=False, **options)
     assert report.ratio_achieved > 0
     assert torch.isfinite(model(token_batch(seed=5)).logits).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("recipe", RECIPES + ("flat-obs",))
+def test_recipe_runs_on_cuda(recipe, tmp_path):
+    """Every recipe on a model and calibration living on CUDA: no operand left on the host.
+
+    (The first H200 run found ``auto`` mixing a host weight with device statistics.)
+    """
+    model = tiny_model("llama", dtype=torch.float32).to("cuda")
+    batches = [b.to("cuda") for b in calibration()]
+    name, options = ("flat", {"selection": "obs", "refit_o": True}) if recipe == "flat-obs" else (recipe, {})
+    report = lrmath_hf.compress(model, batches, recipe=name, ratio=0.3, progress=False, **options)
+    assert 0.15 <= report.ratio_achieved <= 0.45, report.ratio_achieved
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    ids = token_batch(seed=5).to("cuda")
+    logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    lrmath_hf.save_compressed(model, tmp_path / "m", report=report.to_dict(), recipe=name)
+    loaded = lrmath_hf.load_compressed(tmp_path / "m", device="cuda")
+    assert torch.equal(loaded(ids).logits, logits)

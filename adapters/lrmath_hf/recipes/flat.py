@@ -112,13 +112,14 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
     """Keep ``channels`` MLP channels (selected here, or the ascending ``kept`` given) and refit ``W_down``."""
     down = get_linear(model, layer, "down", spec)
     if kept is None:
-        weight = weight64(down).cpu() if selection == "obs" else None
+        weight = weight64(down).to(moments.gram.device) if selection == "obs" else None
         sel = lrmath.nystrom_select(moments.gram, channels, ridge=ridge, method=selection, weight=weight,
                                     psd_rtol=gram_psd_rtol(moments.dim))
         kept = sel.indices
         new_weight = weight64(down) @ sel.reconstruction
     else:  # W_down R solved for its rows directly (lrmath.nystrom_fold): R itself is never needed
-        new_weight = lrmath.nystrom_fold(moments.gram, torch.as_tensor(kept), weight64(down).cpu(), ridge=ridge)
+        new_weight = lrmath.nystrom_fold(moments.gram, torch.as_tensor(kept, device=moments.gram.device),
+                                         weight64(down).to(moments.gram.device), ridge=ridge)
     keep = torch.as_tensor(lrmath._backend.to_numpy(kept), dtype=torch.long)
     roles = ("gate", "up") if spec.mlp_kind == "gated" else ("up",)
     for role in roles:

@@ -200,7 +200,8 @@ def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, budget: int, ri
         bases = torch.as_tensor(lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), d).basis)
     vo_loss = _value_output_losses(spec, layer_stats.inputs["o"], w_o, bases)
     down_stats = layer_stats.inputs["down"]
-    weight = weight64(get_linear(model, layer, "down", spec)).cpu()
+    # lrmath keeps every operand where the statistics are (the model's device during calibration)
+    weight = weight64(get_linear(model, layer, "down", spec)).to(down_stats.gram.device)
     # one elimination down to the smallest count any split can use prices every count above it
     path = lrmath.obs_path(down_stats.gram, k_min, ridge=ridge, weight=weight,
                            psd_rtol=gram_psd_rtol(down_stats.dim))
