@@ -354,7 +354,7 @@ class Moments:
         if self._count == 0:
             self._state = part
         else:
-            merged = _merge((self._count,) + self._state, (n,) + part, xp)
+            merged = _merge((self._count,) + self._state, (n,) + part, xp, self.per_feature)
             self._state = merged[1:]
         self._count += n
 
