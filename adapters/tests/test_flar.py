@@ -285,13 +285,15 @@ def test_real_dinov2_flar_beats_svd_llm(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("shrinkage", ["ledoit_wolf", "heldout"])
-def test_flar_runs_on_cuda_with_a_latency_table_measured_there(dense, shrinkage, tmp_path):
+@pytest.mark.parametrize("shrinkage,target", [("ledoit_wolf", None), ("heldout", None), ("heldout", "identity"),
+                                              ("oas", None)])
+def test_flar_runs_on_cuda_with_a_latency_table_measured_there(dense, shrinkage, target, tmp_path):
     """FLAR with model, calibration and latency timing on CUDA: no operand left on the host."""
     model = copy.deepcopy(dense).to("cuda")
     batches = [b.to("cuda") for b in _batches()]
     report = lrmath_hf.compress(model, batches, recipe="flar", ratio=0.3, progress=False, shrinkage=shrinkage,
-                                latency_aware=True, latency_cache_dir=tmp_path / "latency")
+                                shrinkage_target=target, latency_aware=True,
+                                latency_cache_dir=tmp_path / "latency")
     assert report.ratio_achieved >= 0.0
     assert all(p.device.type == "cuda" for p in model.parameters())
     pixels = pixel_batch(2, seed=3).to("cuda")

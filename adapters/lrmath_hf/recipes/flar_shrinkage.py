@@ -166,7 +166,7 @@ def heldout_error(weights, fit: lrmath.Moments, test: lrmath.Moments, intensitie
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     S, mu, mean = _fold_parts(fit, center)
     diagonal = target == "diagonal"
-    T_s = torch.diag(torch.diagonal(S)) if diagonal else mu * torch.eye(S.shape[0], dtype=S.dtype)
+    T_s = torch.diag(torch.diagonal(S)) if diagonal else mu * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
     T, _, test_mean = _fold_parts(test, center)
     if center:
         d = test_mean - mean
