@@ -1,0 +1,60 @@
+"""The lent-GPU scripts, checked on the CPU: pages regenerate from the committed run files, and
+``gpu_shapes_e2e`` rebuilds exactly the saved structure."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import lrmath_hf
+
+from ._tiny_models import tiny_model, token_batch
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "docs" / "data" / "h200-2026-11-27"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_lrmath_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_gpu_page_is_generated_from_the_committed_run():
+    page = (ROOT / "docs" / "results-gpu.md").read_text(encoding="utf-8")
+    command = re.search(r"```bash\n(.*?)\n```", page, re.S).group(1)
+    assert _script("gpu_report").render(Path("docs/data/h200-2026-11-27"), command) == page
+
+
+def test_benchmarks_cuda_page_is_generated_from_the_committed_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # bench_report imports its sibling modules
+    page = (ROOT / "docs" / "benchmarks-cuda.md").read_text(encoding="utf-8")
+    title = page.splitlines()[0].removeprefix("# ")
+    command = re.search(r"```bash\n(.*?)\n```", page, re.S).group(1)
+    monkeypatch.chdir(ROOT)  # the page names the JSON by its path relative to the repository
+    out = tmp_path / "page.md"
+    _script("bench_report").main([str(DATA.relative_to(ROOT) / "bench_cuda.json"), "-o", str(out),
+                                  "--title", title, "--command", command])
+    assert out.read_text(encoding="utf-8") == page
+
+
+def test_random_compressed_rebuilds_the_saved_structure(tmp_path):
+    """Same modules and shapes as the saved model, new values: what the GPU timings stand on."""
+    model = tiny_model("llama", dtype=torch.float32)
+    batches = [token_batch(seed=s, batch=2, length=24) for s in range(4)]
+    report = lrmath_hf.compress(model, batches, recipe="auto", ratio=0.3, progress=False)
+    lrmath_hf.save_compressed(model, tmp_path / "m", report=report.to_dict(), recipe="auto")
+    shapes = _script("gpu_shapes_e2e")
+    rebuilt, manifest = shapes.random_compressed(tmp_path / "m", torch.device("cpu"), torch.float32, seed=1)
+    saved = lrmath_hf.load_compressed(tmp_path / "m")
+    assert {n: p.shape for n, p in rebuilt.named_parameters()} == {n: p.shape for n, p in saved.named_parameters()}
+    assert {n: type(m) for n, m in rebuilt.named_modules()} == {n: type(m) for n, m in saved.named_modules()}
+    assert shapes.n_params(rebuilt) == shapes.n_params(saved) < shapes.n_params(
+        shapes.random_dense(tmp_path / "m", torch.device("cpu"), torch.float32, seed=0))
+    ids = token_batch(seed=5)
+    assert not torch.equal(rebuilt(ids).logits, saved(ids).logits)
