@@ -12,6 +12,15 @@ from ._backend import cholesky_or_none, device_of, is_torch, solve_triangular, s
 from ._validation import dtype_eps
 
 
+class RidgeTooSmallError(ValueError):
+    """The ridge is below the rounding (or the negative part) of ``C``: the regularised matrix has no Cholesky factor.
+
+    Raised by :func:`lrmath.nystrom_select`, :func:`lrmath.nystrom_refit`,
+    :func:`lrmath.nystrom_fold` and :func:`lrmath.obs_path`; a larger ``ridge``
+    is the remedy (at ``ridge=0``: any positive one).
+    """
+
+
 def _psd_by_cholesky(Cw, psd_rtol, xp) -> bool:
     r"""True if ``C + psd_rtol * m I`` has a Cholesky factor, ``m <= mu_max`` a lower bound.
 
@@ -43,7 +52,7 @@ def _ridge_inverse(Cw, lam, xp):
     eye = xp.eye(d, dtype=Cw.dtype, device=device_of(Cw))
     L = cholesky_or_none(Cw + lam * eye, xp)
     if L is None:  # only when lam is below the rounding of C's smallest eigenvalues
-        raise ValueError(f"C + lam I is numerically indefinite (lam = {lam:.3g}); use a larger ridge")
+        raise RidgeTooSmallError(f"C + lam I is numerically indefinite (lam = {lam:.3g}); use a larger ridge")
     if is_torch(xp):
         import torch
 
@@ -146,8 +155,13 @@ def _kept_factor(Cw, indices, lam, xp):
         if float(xp.min(pivots)) <= 10.0 * k * dtype_eps(Cw.dtype) * float(xp.max(xp.linalg.diagonal(K))):
             L = None
     if L is None:
-        raise ValueError("ridge: C[S, S] + lam I is numerically singular for the selected channels "
-                         f"(lam = {lam:.3g}); use ridge > 0")
+        if lam == 0:
+            raise RidgeTooSmallError("ridge: C[S, S] is numerically singular for the selected channels; "
+                                     "use ridge > 0")
+        raise RidgeTooSmallError(
+            f"ridge: C[S, S] + lam I is not numerically positive definite for the selected channels "
+            f"(lam = {lam:.3g}): C is singular there and rounded below -lam (e.g. a float32-accumulated "
+            "Gram of fewer samples than channels); use a larger ridge")
     return C_rows, L
 
 

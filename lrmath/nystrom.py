@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._backend import as_work, device_of, namespace, to_numpy
-from ._nystrom_kernels import _fold, _obs_eliminate, _psd_by_cholesky, _refit, _ridge_inverse
+from ._nystrom_kernels import RidgeTooSmallError, _fold, _obs_eliminate, _psd_by_cholesky, _refit, _ridge_inverse
 from ._validation import check_array, check_finite, check_nonnegative_scalar, check_rank, check_symmetric, dtype_eps
 
-__all__ = ["EliminationPath", "NystromResult", "nystrom_fold", "nystrom_refit", "nystrom_select", "obs_path"]
+__all__ = ["EliminationPath", "NystromResult", "RidgeTooSmallError", "nystrom_fold", "nystrom_refit", "nystrom_select",
+           "obs_path"]
 
 
 class EliminationPath(NamedTuple):

@@ -433,3 +433,17 @@ def test_obs_path_alone_equals_the_selections_path(HW, data):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
     with pytest.raises(ValueError, match="ridge > 0"):
         lrmath.obs_path(C, k, ridge=0.0)
+
+
+def test_a_ridge_below_the_rounding_of_a_singular_statistic_is_refused_by_name():
+    """A positive ridge under the float32 rounding of a rank-2 Gram: RidgeTooSmallError (a ValueError), no map."""
+    from lrmath.nystrom import RidgeTooSmallError
+
+    X = np.random.default_rng(4).standard_normal((2, 40)).astype(np.float32)
+    G = (X.T @ X).astype(np.float64)  # rank 2, float32 rounding: indefinite at the 1e-7 relative level
+    G = (G + G.T) / 2
+    with pytest.raises(RidgeTooSmallError, match="larger ridge"):
+        lrmath.nystrom_select(G, 20, ridge=1e-14, psd_rtol=1e-5)
+    assert issubclass(RidgeTooSmallError, ValueError)
+    res = lrmath.nystrom_select(G, 20, ridge=1e-2, psd_rtol=1e-5)  # a ridge above the rounding factors
+    assert np.all(np.isfinite(res.reconstruction))

@@ -357,7 +357,7 @@ def test_damped_cholesky_handles_semidefinite_dead_and_indefinite_blocks():
             _damped_cholesky(bad[None], 1e-12)
 
 
-@pytest.mark.parametrize("recipe", ["flat", "auto"])
+@pytest.mark.parametrize("recipe", ["flat", "auto", "flat-paper"])
 def test_output_aware_flat_survives_collinear_calibration(recipe):
     """Fewer calibration tokens than o_proj inputs (a rank-deficient float32 Gram) still compresses."""
     model = tiny_model("llama", dtype=torch.float32)
@@ -366,6 +366,31 @@ def test_output_aware_flat_survives_collinear_calibration(recipe):
     report = lrmath_hf.compress(model, batches, recipe=recipe, ratio=0.3, progress=False, **options)
     assert report.ratio_achieved > 0
     assert torch.isfinite(model(token_batch(seed=5)).logits).all()
+
+
+def test_flat_paper_raises_the_ridge_with_a_warning_on_three_tokens():
+    """flat-paper's small ridge is below the rounding of a 3-token Gram: raised, and said so."""
+    model = tiny_model("llama", dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="relative ridge raised from"):
+        lrmath_hf.compress(model, [token_batch(seed=3, batch=1, length=3)], recipe="flat-paper", ratio=0.3,
+                           progress=False)
+    assert torch.isfinite(model(token_batch(seed=5)).logits).all()
+
+
+def test_ridge_escalation_stops_at_its_cap_and_reraises():
+    from lrmath.nystrom import RidgeTooSmallError
+    from lrmath_hf.recipes.common import MAX_RIDGE, with_ridge_escalation
+
+    tried = []
+
+    def never(r):
+        tried.append(r)
+        raise RidgeTooSmallError("no")
+
+    with pytest.raises(RidgeTooSmallError):
+        with_ridge_escalation(never, 1e-6, "x")
+    assert tried[0] == 1e-6 and tried[-1] == MAX_RIDGE and all(b > a for a, b in zip(tried, tried[1:]))
+    assert with_ridge_escalation(lambda r: r, 1e-3, "x") == 1e-3  # no warning, nothing raised
 
 
 @pytest.mark.gpu

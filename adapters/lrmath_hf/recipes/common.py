@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import lrmath
+from lrmath.nystrom import RidgeTooSmallError
 
 from ..calibrate import CalibrationPlan, calibrate
 from ..modules import FactorizedLinear, count_parameters
@@ -71,6 +73,33 @@ def gram_psd_rtol(dim: int, gram_dtype: torch.dtype = torch.float32) -> float:
     default), so the float64 statistic is PSD only to that precision.
     """
     return 10.0 * dim * float(torch.finfo(gram_dtype).eps)
+
+
+MAX_RIDGE = 0.1  # relative: a tenth of the mean channel variance; beyond it the refit is mostly shrinkage
+
+
+def with_ridge_escalation(fn, ridge: float, what: str):
+    """``fn(ridge)``, retried with ten times the relative ridge (up to :data:`MAX_RIDGE`) while
+    lrmath reports it below the rounding of the statistic (:class:`lrmath.nystrom.RidgeTooSmallError`).
+
+    That happens only with degenerate calibration (fewer or collinear tokens than channels, so
+    the float32-accumulated Gram is singular and rounds below ``-lam``); a ``RuntimeWarning``
+    names the ridge actually used.
+    """
+    used = ridge
+    while True:
+        try:
+            out = fn(used)
+            break
+        except RidgeTooSmallError:
+            if used >= MAX_RIDGE:
+                raise
+            used = min(MAX_RIDGE, max(10.0 * used, 1e-8))
+    if used != ridge:
+        warnings.warn(f"{what}: relative ridge raised from {ridge:g} to {used:g}; the calibration statistic is "
+                      "singular below the requested ridge (too few or collinear calibration tokens)",
+                      RuntimeWarning, stacklevel=3)
+    return out
 
 
 def weight64(linear: nn.Module) -> torch.Tensor:

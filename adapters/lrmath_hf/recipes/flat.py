@@ -33,7 +33,7 @@ from ..calibrate import CalibrationPlan
 from ..modules import HeadwiseProjection
 from ..specs import ArchSpec, get_attention, get_linear, set_linear
 from . import RecipeResult, register
-from .common import gram_psd_rtol, run_calibration, timer, weight64
+from .common import gram_psd_rtol, run_calibration, timer, weight64, with_ridge_escalation
 from .flat_output import _output_bases, _refit_o, _round_channels, _split_layer
 
 __all__ = ["flat_plan", "layer_parameters", "run_flat", "run_flat_paper"]
@@ -113,13 +113,16 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
     down = get_linear(model, layer, "down", spec)
     if kept is None:
         weight = weight64(down).to(moments.gram.device) if selection == "obs" else None
-        sel = lrmath.nystrom_select(moments.gram, channels, ridge=ridge, method=selection, weight=weight,
-                                    psd_rtol=gram_psd_rtol(moments.dim))
+        sel = with_ridge_escalation(
+            lambda r: lrmath.nystrom_select(moments.gram, channels, ridge=r, method=selection, weight=weight,
+                                            psd_rtol=gram_psd_rtol(moments.dim)), ridge, f"layer {layer} MLP")
         kept = sel.indices
         new_weight = weight64(down) @ sel.reconstruction
     else:  # W_down R solved for its rows directly (lrmath.nystrom_fold): R itself is never needed
-        new_weight = lrmath.nystrom_fold(moments.gram, torch.as_tensor(kept, device=moments.gram.device),
-                                         weight64(down).to(moments.gram.device), ridge=ridge)
+        new_weight = with_ridge_escalation(
+            lambda r: lrmath.nystrom_fold(moments.gram, torch.as_tensor(kept, device=moments.gram.device),
+                                          weight64(down).to(moments.gram.device), ridge=r), ridge,
+            f"layer {layer} MLP")
     keep = torch.as_tensor(lrmath._backend.to_numpy(kept), dtype=torch.long)
     roles = ("gate", "up") if spec.mlp_kind == "gated" else ("up",)
     for role in roles:

@@ -16,7 +16,7 @@ import lrmath
 from lrmath.whitening import CHOLESKY_SCHEDULE
 
 from ..specs import ArchSpec, get_linear
-from .common import gram_psd_rtol, weight64
+from .common import gram_psd_rtol, weight64, with_ridge_escalation
 
 
 def _refit_o(model, spec: ArchSpec, layer: int, moments, w_o: torch.Tensor, bases: torch.Tensor,
@@ -203,8 +203,9 @@ def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, budget: int, ri
     # lrmath keeps every operand where the statistics are (the model's device during calibration)
     weight = weight64(get_linear(model, layer, "down", spec)).to(down_stats.gram.device)
     # one elimination down to the smallest count any split can use prices every count above it
-    path = lrmath.obs_path(down_stats.gram, k_min, ridge=ridge, weight=weight,
-                           psd_rtol=gram_psd_rtol(down_stats.dim))
+    path = with_ridge_escalation(
+        lambda r: lrmath.obs_path(down_stats.gram, k_min, ridge=r, weight=weight, psd_rtol=gram_psd_rtol(down_stats.dim)),
+        ridge, f"layer {layer} MLP")
     head_rank, channels = _error_split(spec, budget, vo_loss, path, down_stats.count, channel_multiple)
     removed = lrmath._backend.to_numpy(path.removed)[: spec.intermediate_size - channels]
     kept = np.setdiff1d(np.arange(spec.intermediate_size), removed)  # ascending
