@@ -29,30 +29,63 @@ def _centred_sums(x, xp, gram_dtype=None, per_feature=True):
         return _low_precision_sums(x, xp, work, per_feature)  # before any float64 copy of x is made
     w = as_work(x, xp)
     mean = xp.mean(w, axis=-2)
-    if w is not x:  # our own copy: centre in place (one n x d allocation fewer)
-        w -= mean[..., None, :]
-        return (mean, *_sums_of_centred(w, xp, gram_dtype, per_feature))
     n = w.shape[-2]
-    if n <= 2 * _HOST_CHUNK or not _on_host(w, xp):
+    if not _on_host(w, xp):
+        if w is not x:  # our own copy: centre in place (one n x d allocation fewer)
+            w -= mean[..., None, :]
+            return (mean, *_sums_of_centred(w, xp, gram_dtype, per_feature))
         return (mean, *_sums_of_centred(w - mean[..., None, :], xp, gram_dtype, per_feature))
-    total = None
+    if w is not x:  # our own copy: centred in place
+        return (mean, *_sums_of_centred(w, xp, gram_dtype, per_feature, _centre_into(w, mean, w, xp, per_feature)))
+    if n <= 2 * _HOST_CHUNK:
+        y = xp.empty_like(w)
+        return (mean, *_sums_of_centred(y, xp, gram_dtype, per_feature, _centre_into(w, mean, y, xp, per_feature)))
+    total, y = None, None
     for start in range(0, n, _HOST_CHUNK):
-        part = _sums_of_centred(w[..., start:start + _HOST_CHUNK, :] - mean[..., None, :], xp, gram_dtype,
-                                per_feature)
+        part_x = w[..., start:start + _HOST_CHUNK, :]
+        if y is None or y.shape != part_x.shape:
+            y = xp.empty_like(part_x)  # one buffer for every chunk
+        part = _sums_of_centred(y, xp, gram_dtype, per_feature, _centre_into(part_x, mean, y, xp, per_feature))
         total = part if total is None else tuple(a + b for a, b in zip(total, part))
     return (mean, *total)
 
 
-def _sums_of_centred(y, xp, gram_dtype, per_feature=True):
+def _centre_into(x, mean, out, xp, per_feature):
+    """``out = x - mean`` on the host, ``_VECTOR_BLOCK`` rows at a time, with the vector sums of each
+    block taken while it is in cache (one pass over the rows fewer than centring, then summing);
+    ``out`` may be ``x``. Returns :func:`_vector_sums` of ``out``, summed in the same blocks (the
+    same numbers as calling it afterwards)."""
+    n = x.shape[-2]
+    total = None
+    for start in range(0, n, _VECTOR_BLOCK):
+        rows = slice(start, start + _VECTOR_BLOCK)
+        block = out[..., rows, :]
+        _subtract(x[..., rows, :], mean[..., None, :], block, xp)
+        part = _vector_sums_block(block, xp, per_feature)
+        total = part if total is None else tuple(a + b for a, b in zip(total, part))
+    return total
+
+
+def _subtract(a, b, out, xp) -> None:
+    if is_torch(xp):
+        import torch
+
+        with torch.no_grad():  # statistics carry no gradient; out= refuses tensors that require one
+            torch.sub(a, b, out=out)
+    else:
+        np.subtract(a, b, out=out)
+
+
+def _sums_of_centred(y, xp, gram_dtype, per_feature=True, vector=None):
     """``(sum y y^T, sum |y|^2 y, sum |y|^4, sum y**3, sum y**4)`` of rows ``y`` in the work dtype.
 
-    The Gram runs in ``gram_dtype`` when given.
+    The Gram runs in ``gram_dtype`` when given; ``vector``: the last four, already computed.
     """
     if gram_dtype is None or gram_dtype == y.dtype:
         m2 = gram(y, xp)
     else:
         m2 = xp.astype(gram(xp.astype(y, gram_dtype), xp), y.dtype)
-    return (m2, *_vector_sums(y, xp, per_feature))
+    return (m2, *(vector if vector is not None else _vector_sums(y, xp, per_feature)))
 
 
 def _vector_sums(y, xp, per_feature=True):
