@@ -101,15 +101,24 @@ def _caps(data: dict) -> list[str]:
 
 
 def _eigh(data: dict) -> list[str]:
+    checked = all("projector_max_err" in r for r in data["rows"])
     out = [f"Device: {data['device']}, torch {data['torch']}, CuPy {data['cupy']}; float64 SPD batches "
            "(heads, d, d); medians of 15 calls after 3 warm-ups, host round trips included; "
-           f"the threaded host side uses {data['host_workers']} workers, one BLAS thread each. "
-           "Timings only: these paths' accuracy is not checked here (the `pca_truncate` benchmark checks "
-           "lrmath's own path).", "",
-           "| heads x d | path | median | vs the per-head torch loop |", "|---|---|---|---|"]
+           f"the threaded host side uses {data['host_workers']} workers, one BLAS thread each. " + (
+               "Accuracy against a host float64 `numpy.linalg.eigh`: the largest entry error of the "
+               "top-d/2 projector and the largest eigenvalue error relative to the largest eigenvalue."
+               if checked else
+               "Timings only: these paths' accuracy is not checked here (the `pca_truncate` benchmark checks "
+               "lrmath's own path)."), "",
+           "| heads x d | path | median | vs the per-head torch loop |" + (
+               " projector error | eigenvalue error |" if checked else ""),
+           "|---|---|---|---|" + ("---|---|" if checked else "")]
     for r in data["rows"]:
-        out.append(f"| {r['heads']} x {r['d']} | {r['path']} | {r['median_s'] * 1e3:.3f} ms | "
-                   f"{r['speedup_vs_loop']:.2f}x |")
+        row = (f"| {r['heads']} x {r['d']} | {r['path']} | {r['median_s'] * 1e3:.3f} ms | "
+               f"{r['speedup_vs_loop']:.2f}x |")
+        if checked:
+            row += f" {r['projector_max_err']:.1e} | {r['eigenvalues_rel_err']:.1e} |"
+        out.append(row)
     return out + [""]
 
 
