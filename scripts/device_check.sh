@@ -11,6 +11,14 @@
 # 5. which eigensolver path is fastest for a layer's heads;
 # 6. the 4,096 x 11,008 whitened SVD.
 # Each stage has its own time limit, so one slow stage cannot take the others' results with it.
+#
+# Preparing a lent-GPU call from this checkout (the machine has torch, CuPy, transformers, pytest-xdist
+# and hypothesis, but not array-api-compat): put the wheels it lacks in .whl/ and the saved structures'
+# config.json + manifest.json in .gpu/shapes/ratio-*/ (both ignored via .git/info/exclude), then run
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
+#   bash scripts/device_check.sh $OUT 2>&1 | tee $OUT/run.log
+# carrying .whl and .gpu; render the results with scripts/gpu_report.py and scripts/bench_report.py.
+# The whole default run took about 8 minutes on an H200 (stop 14, in three parts).
 set -u
 OUT=${1:?output folder}
 SHAPES=${2:-.gpu/shapes}
