@@ -94,7 +94,26 @@ class _StopForward(Exception):
     """Raised by the capture hook once the first layer's inputs are recorded."""
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model reads its inputs: its input embedding's device (the first parameter's otherwise)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(model.parameters()).device
+
+
+def to_input_device(batch, model: nn.Module):
+    """A batch (tensor, or mapping of tensors) on the model's input device; calibration text and
+    images usually come from the host while the model may sit on a GPU."""
+    device = input_device(model)
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch.to(device)
+
+
 def _model_call(model: nn.Module, batch) -> None:
+    batch = to_input_device(batch, model)
     if isinstance(batch, Mapping):
         model(**batch)
     elif not torch.is_floating_point(batch):

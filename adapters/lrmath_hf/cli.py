@@ -45,6 +45,25 @@ def _load(name: str):
     return zoo.load_model(name)
 
 
+def _device(name: str):
+    """The ``--device`` argument as a torch device: ``auto`` is CUDA where present, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {name!r}: supported are cpu, cuda, cuda:N and auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: this torch sees no CUDA device (torch {torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
 def _tokenizer_for(model_name: str | None):
     if not model_name:
         raise CLIError("this folder has no report.json naming its base model: cannot pick a tokenizer")
@@ -132,8 +151,10 @@ def _plots(report, folder: Path, model) -> None:
 
 
 def _prepare(args):
-    """Load the model and the calibration / evaluation windows."""
+    """Load the model (onto ``--device``) and the calibration / evaluation windows (on the host)."""
+    device = _device(args.device)  # a bad device fails before the model is loaded
     model, tokenizer = _load(args.model)
+    model.to(device)
     calib = _windows(tokenizer, _text(args.calib, "calibration"), args.seq_len, args.calib_windows, "calibration")
     eval_windows = None
     if args.eval_windows > 0:
@@ -299,7 +320,9 @@ def _ratio_table(dense: dict, rows: list[dict]) -> str:
 
 
 def cmd_eval(args) -> int:
+    device = _device(args.device)
     model, tokenizer = _load(args.model)
+    model.to(device)
     windows = _windows(tokenizer, _text(args.text, "evaluation"), args.seq_len, args.eval_windows, "evaluation")
     result = _measure(model, tokenizer, windows, args)
     print(json.dumps(result, indent=2))
@@ -329,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--eval-windows", type=int, default=80, help="evaluation windows (0: skip perplexity)")
     common.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--device", default="cpu",
+                        help="where the model runs: cpu (default), cuda, cuda:N, or auto (CUDA if present); "
+                             "calibration, evaluation and timing all run there")
 
     p = sub.add_parser("compress", parents=[common], help="compress a model and write a loadable folder")
     p.add_argument("model", help="zoo name (e.g. smollm2-135m), local folder or hub id")

@@ -28,6 +28,21 @@ def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("device, message", [("tpu:7", "not a device"), ("nonsense", "not a device"),
+                                             ("meta", "supported are")])
+def test_bad_device_is_refused_before_any_work(device, message, tmp_path, capsys):
+    code = main(["compress", "smollm2-135m", "--device", device, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    assert main(["compress", "smollm2-135m", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
 def test_unknown_recipe_is_refused_before_any_work(tmp_path, capsys):
     assert main(["compress", "smollm2-135m", "--recipe", "nope", "--out", str(tmp_path / "o")]) == 2
     assert "unknown recipe" in capsys.readouterr().err
@@ -149,3 +164,16 @@ def test_bad_ratio_lists_are_refused_before_any_work(ratios, message, tmp_path, 
 def test_ratio_folder_names_keep_distinct_ratios_apart():
     assert _ratio_folder(0.2) == "ratio-0.20" and _ratio_folder(0.1) == "ratio-0.10"
     assert _ratio_folder(0.205) == "ratio-0.205" != _ratio_folder(0.2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_compress_on_cuda_writes_a_folder_that_reloads(tiny_folder, tmp_path):
+    """``--device cuda``: calibration, surgery and evaluation on the GPU; the saved folder loads on the CPU."""
+    from lrmath_hf.io import load_compressed
+
+    assert _compress(tiny_folder, tmp_path / "o", 0.3, extra=("--device", "cuda")) == 0
+    model = load_compressed(tmp_path / "o")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert 0.2 <= report["ratio_achieved"] <= 0.4

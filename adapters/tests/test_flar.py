@@ -290,7 +290,7 @@ def test_real_dinov2_flar_beats_svd_llm(tmp_path):
 def test_flar_runs_on_cuda_with_a_latency_table_measured_there(dense, shrinkage, target, tmp_path):
     """FLAR with model, calibration and latency timing on CUDA: no operand left on the host."""
     model = copy.deepcopy(dense).to("cuda")
-    batches = [b.to("cuda") for b in _batches()]
+    batches = _batches()  # host images: calibration and the feature probe move them
     report = lrmath_hf.compress(model, batches, recipe="flar", ratio=0.3, progress=False, shrinkage=shrinkage,
                                 shrinkage_target=target, latency_aware=True,
                                 latency_cache_dir=tmp_path / "latency")

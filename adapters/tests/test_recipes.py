@@ -399,10 +399,11 @@ def test_ridge_escalation_stops_at_its_cap_and_reraises():
 def test_recipe_runs_on_cuda(recipe, tmp_path):
     """Every recipe on a model and calibration living on CUDA: no operand left on the host.
 
-    (The first H200 run found ``auto`` mixing a host weight with device statistics.)
+    (The first H200 run found ``auto`` mixing a host weight with device statistics.) The
+    calibration stays on the host, as a tokenizer returns it.
     """
     model = tiny_model("llama", dtype=torch.float32).to("cuda")
-    batches = [b.to("cuda") for b in calibration()]
+    batches = calibration()  # host token ids, as a tokenizer gives them: compress moves them
     name, options = ("flat", {"selection": "obs", "refit_o": True}) if recipe == "flat-obs" else (recipe, {})
     report = lrmath_hf.compress(model, batches, recipe=name, ratio=0.3, progress=False, **options)
     assert 0.15 <= report.ratio_achieved <= 0.45, report.ratio_achieved
@@ -413,3 +414,15 @@ def test_recipe_runs_on_cuda(recipe, tmp_path):
     lrmath_hf.save_compressed(model, tmp_path / "m", report=report.to_dict(), recipe=name)
     loaded = lrmath_hf.load_compressed(tmp_path / "m", device="cuda")
     assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_calibration_batches_follow_the_model_to_its_input_device():
+    """Host batches are moved to where the model reads its inputs (a no-op on the CPU; CUDA: the GPU tests)."""
+    from lrmath_hf.calibrate import input_device, to_input_device
+
+    model = tiny_model("llama", dtype=torch.float32)
+    assert input_device(model) == model.get_input_embeddings().weight.device
+    ids = token_batch(seed=1)
+    assert to_input_device(ids, model).device == input_device(model)
+    moved = to_input_device({"input_ids": ids, "use_cache": False}, model)
+    assert moved["use_cache"] is False and torch.equal(moved["input_ids"], ids)

@@ -18,7 +18,7 @@ import torch
 
 import lrmath
 
-from ..calibrate import _layer_output
+from ..calibrate import _layer_output, to_input_device
 from ..latency import LatencyTable, time_models
 from ..modules import FactorizedLinear
 from ..specs import ArchSpec, get_linear, iter_layers, set_linear
@@ -286,7 +286,8 @@ def _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, d
         details["forward_passes"] = {"search": 0}
         return [r if r <= min(c, lrmath.k_equiv(*s) - 1) else None for r, c, s in zip(uniform, top, shapes)]
     memo = {} if memo is None else memo
-    probe = _FeatureProbe(model, spec, _pixels(batches, search_images)) if criterion == "feature" else None
+    probe = (_FeatureProbe(model, spec, to_input_device(_pixels(batches, search_images), model))
+             if criterion == "feature" else None)
     hits = 0
 
     def nmse(key, rank):
