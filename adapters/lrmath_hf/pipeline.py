@@ -115,10 +115,12 @@ def compress(model: nn.Module, calibration: Iterable | str | torch.Tensor, *, re
     Parameters
     ----------
     model : torch.nn.Module
-        A supported Hugging Face model (``lrmath_hf.specs.supported_model_types()``).
+        A supported Hugging Face model (``lrmath_hf.specs.supported_model_types()``), on
+        any device: statistics and decompositions run where the model is.
     calibration : iterable, tensor or str
         Token-id batches (or ``pixel_values`` batches for a ViT), a 2-D tensor
         of windows, or a text with ``tokenizer=`` (see :func:`calibration_batches`).
+        Batches may stay on the host; each is moved to the model's input device.
     recipe : str
         ``auto``, ``svd``, ``svd-llm``, ``flat``, ``flat-paper``, ``latent``, ``flar``.
     ratio : float
