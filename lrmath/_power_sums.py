@@ -40,14 +40,25 @@ def _centred_sums(x, xp, gram_dtype=None, per_feature=True):
     if n <= 2 * _HOST_CHUNK:
         y = xp.empty_like(w)
         return (mean, *_sums_of_centred(y, xp, gram_dtype, per_feature, _centre_into(w, mean, y, xp, per_feature)))
-    total, y = None, None
-    for start in range(0, n, _HOST_CHUNK):
-        part_x = w[..., start:start + _HOST_CHUNK, :]
+    y = None
+
+    def chunk(rows):
+        nonlocal y
+        part_x = w[..., rows, :]
         if y is None or y.shape != part_x.shape:
-            y = xp.empty_like(part_x)  # one buffer for every chunk
-        part = _sums_of_centred(y, xp, gram_dtype, per_feature, _centre_into(part_x, mean, y, xp, per_feature))
-        total = part if total is None else tuple(a + b for a, b in zip(total, part))
-    return (mean, *total)
+            y = xp.empty_like(part_x)  # one buffer for every chunk (a new one for a shorter last chunk)
+        return _sums_of_centred(y, xp, gram_dtype, per_feature, _centre_into(part_x, mean, y, xp, per_feature))
+
+    return (mean, *_sum_blocks(n, _HOST_CHUNK, chunk))
+
+
+def _sum_blocks(n, size, part):
+    """Sum, entry by entry, of the tuples ``part(rows)`` over consecutive row blocks of ``size``, in order."""
+    total = None
+    for start in range(0, n, size):
+        p = part(slice(start, start + size))
+        total = p if total is None else tuple(a + b for a, b in zip(total, p))
+    return total
 
 
 def _centre_into(x, mean, out, xp, per_feature):
@@ -55,15 +66,11 @@ def _centre_into(x, mean, out, xp, per_feature):
     block taken while it is in cache (one pass over the rows fewer than centring, then summing);
     ``out`` may be ``x``. Returns :func:`_vector_sums` of ``out``, summed in the same blocks (the
     same numbers as calling it afterwards)."""
-    n = x.shape[-2]
-    total = None
-    for start in range(0, n, _VECTOR_BLOCK):
-        rows = slice(start, start + _VECTOR_BLOCK)
-        block = out[..., rows, :]
-        _subtract(x[..., rows, :], mean[..., None, :], block, xp)
-        part = _vector_sums_block(block, xp, per_feature)
-        total = part if total is None else tuple(a + b for a, b in zip(total, part))
-    return total
+    def block(rows):
+        _subtract(x[..., rows, :], mean[..., None, :], out[..., rows, :], xp)
+        return _vector_sums_block(out[..., rows, :], xp, per_feature)
+
+    return _sum_blocks(x.shape[-2], _VECTOR_BLOCK, block)
 
 
 def _subtract(a, b, out, xp) -> None:
@@ -95,14 +102,9 @@ def _vector_sums(y, xp, per_feature=True):
     powers stay in the core's cache (2x faster at 4096 x 576 than whole-batch
     temporaries, measured); without ``per_feature`` the last two are NaN.
     """
-    n = y.shape[-2]
-    if n <= _VECTOR_BLOCK or not _on_host(y, xp):
+    if not _on_host(y, xp):
         return _vector_sums_block(y, xp, per_feature)
-    total = None
-    for start in range(0, n, _VECTOR_BLOCK):
-        part = _vector_sums_block(y[..., start:start + _VECTOR_BLOCK, :], xp, per_feature)
-        total = part if total is None else tuple(a + b for a, b in zip(total, part))
-    return total
+    return _sum_blocks(y.shape[-2], _VECTOR_BLOCK, lambda rows: _vector_sums_block(y[..., rows, :], xp, per_feature))
 
 
 def _vector_sums_block(y, xp, per_feature):
