@@ -30,19 +30,20 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def _load(name: str):
+def _load(name: str, device):
+    """Model (on ``device``) and tokenizer of a zoo name, saved folder or hub id."""
     from . import zoo
 
     if Path(name).is_dir() and (Path(name) / "manifest.json").exists():
         from .io import load_compressed
 
-        model = load_compressed(name)
+        model = load_compressed(name, device=device)
         tokenizer = _tokenizer_for(json.loads((Path(name) / "report.json").read_text()).get("model"))
         return model, tokenizer
     if name not in zoo.list_models() and not Path(name).exists() and "/" not in name:
         raise CLIError(f"unknown model {name!r}: use one of {', '.join(zoo.list_models())}, "
                        "a local folder, or a hub id (org/name)")
-    return zoo.load_model(name)
+    return zoo.load_model(name, device=device)
 
 
 def _device(name: str):
@@ -152,9 +153,7 @@ def _plots(report, folder: Path, model) -> None:
 
 def _prepare(args):
     """Load the model (onto ``--device``) and the calibration / evaluation windows (on the host)."""
-    device = _device(args.device)  # a bad device fails before the model is loaded
-    model, tokenizer = _load(args.model)
-    model.to(device)
+    model, tokenizer = _load(args.model, _device(args.device))  # a bad device fails before the model loads
     calib = _windows(tokenizer, _text(args.calib, "calibration"), args.seq_len, args.calib_windows, "calibration")
     eval_windows = None
     if args.eval_windows > 0:
@@ -320,9 +319,7 @@ def _ratio_table(dense: dict, rows: list[dict]) -> str:
 
 
 def cmd_eval(args) -> int:
-    device = _device(args.device)
-    model, tokenizer = _load(args.model)
-    model.to(device)
+    model, tokenizer = _load(args.model, _device(args.device))
     windows = _windows(tokenizer, _text(args.text, "evaluation"), args.seq_len, args.eval_windows, "evaluation")
     result = _measure(model, tokenizer, windows, args)
     print(json.dumps(result, indent=2))
