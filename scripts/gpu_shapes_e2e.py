@@ -38,13 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "adapters")]
 
 from lrmath_hf.io import _model_class, build_skeleton, load_compressed, read_manifest  # noqa: E402
+from lrmath_hf.latency import _sync  # noqa: E402
+from lrmath_hf.modules import count_parameters  # noqa: E402
 
 PREFILL, DECODE, PROMPT = 512, 64, 32
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_compressed(folder: Path, device, dtype, seed: int):
@@ -77,10 +74,6 @@ def random_dense(folder: Path, device, dtype, seed: int):
     model = _model_class(manifest["model_class"])._from_config(
         config, attn_implementation=manifest.get("attn_implementation"))
     return model.to(device=device, dtype=dtype).eval()
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 @torch.inference_mode()
@@ -192,12 +185,12 @@ def main(argv=None) -> int:
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         models = {"dense": random_dense(folders[0], device, dtype, seed=0)}
-        facts = {"dense": {"params": n_params(models["dense"]), "ratio": None}}
+        facts = {"dense": {"params": count_parameters(models["dense"]), "ratio": None}}
         for i, folder in enumerate(folders):
             model, manifest = random_compressed(folder, device, dtype, seed=10 + i)
             report = manifest.get("report") or {}
             models[folder.name] = model
-            facts[folder.name] = {"params": n_params(model), "ratio": report.get("ratio_requested"),
+            facts[folder.name] = {"params": count_parameters(model), "ratio": report.get("ratio_requested"),
                                   "ratio_achieved": report.get("ratio_achieved")}
         vocab = models["dense"].config.vocab_size
         for name, m in models.items():

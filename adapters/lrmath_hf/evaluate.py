@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .latency import _sync  # CUDA work is asynchronous: wait for it before reading the clock
 # the paired tests live in their own module; they are part of this one's API
 from .significance import PairedScoreTest, PairedTest, paired_accuracy_test, paired_score_test
 
@@ -37,12 +38,6 @@ __all__ = [
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _sync(device: torch.device) -> None:
-    # CUDA work is asynchronous: wait for it before reading the clock.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()

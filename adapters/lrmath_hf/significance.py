@@ -62,7 +62,6 @@ def paired_accuracy_test(correct_a, correct_b) -> PairedTest:
     return PairedTest(only_a, only_b, int(a.size), min(p, 1.0))
 
 
-
 @dataclass(frozen=True)
 class PairedScoreTest:
     """Two models scored on the same examples by a continuous score: Wilcoxon's signed-rank test."""
