@@ -27,6 +27,8 @@ _EXPORTS = {
     # whitening, PCA, SVD
     "whiten": "whitening",
     "Whitener": "whitening",
+    "damped_cholesky": "whitening",
+    "DampedCholesky": "whitening",
     "pca_truncate": "pca",
     "PCAResult": "pca",
     "whitened_svd": "svd",

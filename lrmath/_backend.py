@@ -26,6 +26,7 @@ __all__ = [
     "device_of",
     "work_dtype",
     "as_work",
+    "cholesky_each",
     "cholesky_or_none",
     "solve_triangular",
     "to_numpy",
@@ -147,33 +148,50 @@ def sub_matmul_(C, A, B, xp=None):
 
 
 def cholesky_or_none(A, xp=None):
-    """Lower Cholesky factor of the (batched) matrix ``A``, or ``None`` if it is not PD.
+    """Lower Cholesky factor of the (batched) matrix ``A``, or ``None`` if any matrix is not PD."""
+    L, ok = cholesky_each(A, xp)
+    return L if bool(namespace(ok).all(ok)) else None
+
+
+def cholesky_each(A, xp=None):
+    """Lower Cholesky factors of a batch ``A`` (..., n, n) and, per matrix, whether it is PD.
+
+    Returns ``(L, ok)``; ``L`` is meaningful only where ``ok`` (shape ``A.shape[:-2]``).
 
     Notes
     -----
-    numpy raises ``LinAlgError``, torch reports ``info != 0`` through
-    ``cholesky_ex``, and cupy returns NaN without complaint; all three are
-    turned into ``None``.  A factor with a non-finite or non-positive diagonal
-    is also refused, since it would make the triangular solves meaningless.
+    numpy raises ``LinAlgError`` for the whole batch (then each matrix is
+    factorised on its own to find which), torch reports ``info != 0`` per
+    matrix through ``cholesky_ex``, and cupy returns NaN without complaint;
+    all three become ``ok = False``.  A factor with a non-finite or
+    non-positive diagonal is also refused, since it would make the triangular
+    solves meaningless.
     """
     xp = xp or namespace(A)
     if is_torch(xp):
         import torch
 
         L, info = torch.linalg.cholesky_ex(A)
-        if bool(torch.any(info != 0)):
-            return None
+        ok = info == 0
     else:
         try:
             L = xp.linalg.cholesky(A)
-        except Exception:  # numpy.linalg.LinAlgError and friends
-            return None
+            ok = xp.ones(A.shape[:-2], dtype=xp.bool, device=device_of(A))
+        except Exception:  # numpy.linalg.LinAlgError and friends: find the failing matrices
+            if A.ndim == 2:
+                return xp.zeros_like(A), xp.asarray(False, device=device_of(A))
+            flat = xp.reshape(A, (-1, *A.shape[-2:]))
+            parts = [cholesky_each(flat[i, ...], xp) for i in range(flat.shape[0])]
+            L = xp.reshape(xp.stack([p[0] for p in parts]), A.shape)
+            ok = xp.reshape(xp.stack([p[1] for p in parts]), A.shape[:-2])
     diag = xp.linalg.diagonal(L)
     # numpy and torch report a failed factorisation, and a finite input then gives a finite factor:
     # its diagonal is the check; other libraries (cupy) may return NaN silently, so every entry is
-    if not bool(xp.all(diag > 0)) or not bool(xp.all(xp.isfinite(diag if _reports_failure(xp) else L))):
-        return None
-    return L
+    if _reports_failure(xp):
+        finite = xp.all(xp.isfinite(diag), axis=-1)
+    else:
+        finite = xp.all(xp.isfinite(L), axis=(-2, -1))
+    return L, ok & xp.all(diag > 0, axis=-1) & finite
 
 
 def _reports_failure(xp) -> bool:

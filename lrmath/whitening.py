@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from ._backend import as_work, cholesky_or_none, device_of, namespace, solve_triangular
+from ._backend import as_work, cholesky_each, device_of, namespace, solve_triangular
 from ._validation import check_array, check_finite, check_nonnegative_scalar, check_symmetric, dtype_eps
 
-__all__ = ["Whitener", "whiten", "METHODS", "CHOLESKY_SCHEDULE"]
+__all__ = ["Whitener", "whiten", "DampedCholesky", "damped_cholesky", "METHODS", "CHOLESKY_SCHEDULE"]
 
 METHODS = ("cholesky", "sqrt", "eigh")
 
@@ -214,18 +214,128 @@ def whiten(C, *, method: str = "cholesky", damping: float = 0.0) -> Whitener:
     scale = max(mean_diag, 0.0)
 
     if method == "cholesky":
-        schedule = [damping] + ([a for a in CHOLESKY_SCHEDULE if a > damping] if scale > 0 else [])
-        for attempt, alpha in enumerate(schedule, start=1):
-            L = cholesky_or_none(Cw + (alpha * scale) * eye, xp)
-            if L is not None:
-                return Whitener(factor=L, requested_method=method, method="cholesky",
-                                damping=alpha, delta=alpha * scale, attempts=attempt,
-                                fallback=None if attempt == 1 else "damping", rank=n)
+        L, used, alive, failed = _cholesky_schedule(Cw, damping, xp)
+        if bool(alive) and not bool(failed):
+            alpha = float(used)
+            attempt = _schedule(damping).index(alpha) + 1
+            return Whitener(factor=L, requested_method=method, method="cholesky",
+                            damping=alpha, delta=alpha * scale, attempts=attempt,
+                            fallback=None if attempt == 1 else "damping", rank=n)
+        tried = len(_schedule(damping)) if scale > 0 else 1
         return _eigen_whitener(xp, Cw + (damping * scale) * eye, "eigh", eps,
                                requested=method, damping=damping, delta=damping * scale,
-                               attempts=len(schedule) + 1, fallback="eigh")
+                               attempts=tried + 1, fallback="eigh")
     return _eigen_whitener(xp, Cw + (damping * scale) * eye, method, eps, requested=method,
                            damping=damping, delta=damping * scale, attempts=1, fallback=None)
+
+
+class DampedCholesky(NamedTuple):
+    """Result of :func:`damped_cholesky`.
+
+    Attributes
+    ----------
+    factor : array, shape (..., k, k)
+        Lower triangular ``L_h`` with ``L_h L_h^T = A_h + alpha_h m_h I``; the
+        identity where ``A_h`` is zero.
+    damping : array, shape (...)
+        The relative damping ``alpha_h`` used (0 where ``A_h`` is zero).
+    alive : array of bool, shape (...)
+        False where ``A_h`` is exactly zero.
+    """
+
+    factor: Any
+    damping: Any
+    alive: Any
+
+
+def damped_cholesky(A, damping: float = 0.0) -> DampedCholesky:
+    r"""Cholesky factors of a batch of PSD matrices, each damped only as much as it needs.
+
+    ``L_h L_h^T = A_h + alpha_h m_h I`` with ``m_h = mean(diag A_h)``: ``alpha_h``
+    is ``damping``, raised along :data:`CHOLESKY_SCHEDULE` for the matrices
+    whose factorisation fails, one matrix at a time (a failing head does not
+    damp the others).
+
+    Parameters
+    ----------
+    A : array, shape (..., k, k)
+        Symmetric positive semidefinite matrices (up to rounding), e.g. per-head
+        second moments; numpy, torch or cupy.
+    damping : float, default 0.0
+        Relative damping tried first.
+
+    Returns
+    -------
+    DampedCholesky
+        ``factor`` (float64 where the device has it, on ``A``'s device), the
+        ``damping`` used per matrix and ``alive`` (False for zero matrices,
+        whose factor is the identity: a head that never carries signal).
+
+    Raises
+    ------
+    ValueError
+        If ``A`` is not square, symmetric and finite; ``damping`` is negative;
+        or a nonzero ``A_h`` has a non-positive mean diagonal or fails even at
+        the schedule's largest damping. Such a matrix is not PSD to rounding,
+        which no second moment of real data can be.
+
+    Notes
+    -----
+    A Gram accumulated in float32 from few or nearly collinear rows is PSD only
+    to about ``10 N eps_32`` relative, so the undamped factorisation can fail
+    where the data are fine; relative damping (SVD-LLM, FLAR-SVD) fixes that
+    without a scale the user must guess. Unlike :func:`whiten`, which falls back
+    to an eigen form, this always returns triangular factors, which is what
+    batched triangular solves (``cholesky_solve``) need.
+
+    Examples
+    --------
+    >>> import numpy as np, lrmath
+    >>> v = np.ones((3, 1))
+    >>> res = lrmath.damped_cholesky(np.stack([np.eye(3), v @ v.T, np.zeros((3, 3))]))
+    >>> res.damping.tolist(), res.alive.tolist()
+    ([0.0, 1e-12, 0.0], [True, True, False])
+    """
+    xp = check_symmetric("A", A)
+    check_finite("A", A, xp)
+    damping = check_nonnegative_scalar("damping", damping)
+    Aw = as_work(A, xp)
+    Aw = (Aw + xp.matrix_transpose(Aw)) / 2
+    L, used, alive, failed = _cholesky_schedule(Aw, damping, xp)
+    if bool(xp.any(failed)):
+        bad = [int(i) for i in xp.reshape(xp.nonzero(xp.reshape(failed, (-1,)))[0], (-1,))]
+        raise ValueError(f"matrices {bad} (flat batch index) are not positive semidefinite to rounding: "
+                         f"Cholesky failed up to relative damping {CHOLESKY_SCHEDULE[-1]:g}")
+    return DampedCholesky(factor=L, damping=used, alive=alive)
+
+
+def _schedule(damping: float) -> list[float]:
+    return [damping] + [a for a in CHOLESKY_SCHEDULE if a > damping]
+
+
+def _cholesky_schedule(A, damping, xp):
+    """``(L, alpha, alive, failed)`` per matrix of the symmetric batch ``A`` (work dtype).
+
+    ``failed``: nonzero matrices with no factor (non-positive mean diagonal, or
+    every damping of the schedule refused); ``L`` is the identity there and
+    where the matrix is zero.
+    """
+    k = A.shape[-1]
+    eye = xp.eye(k, dtype=A.dtype, device=device_of(A))
+    scale = xp.mean(xp.linalg.diagonal(A), axis=-1)
+    alive = xp.max(xp.abs(A), axis=(-2, -1)) > 0
+    L = xp.zeros_like(A) + eye
+    used = xp.zeros_like(scale)
+    pending = alive & (scale > 0)
+    for alpha in _schedule(damping):
+        if not bool(xp.any(pending)):
+            break
+        factor, ok = cholesky_each(A + (alpha * scale)[..., None, None] * eye, xp)
+        new = pending & ok
+        L = xp.where(new[..., None, None], factor, L)
+        used = xp.where(new, xp.full_like(used, alpha), used)
+        pending = pending & ~ok
+    return L, used, alive, pending | (alive & ~(scale > 0))
 
 
 def _eigen_whitener(xp, A, form, eps, **record) -> Whitener:
