@@ -15,9 +15,13 @@ from .test_recipes import RECIPES, calibration
 
 
 def test_damped_cholesky_handles_semidefinite_dead_and_indefinite_blocks():
-    """Gram statistics PSD only to float32 rounding get the first damping that factors; zero blocks are dead."""
+    """Gram statistics PSD only to float32 rounding get the first damping that factors; zero blocks are dead.
+
+    The value pricing and the ``o_proj`` refit of the output-aware FLAT recipes factor such blocks
+    with :func:`lrmath.damped_cholesky` (its general contract: proofs_tests/test_damped_cholesky.py).
+    """
+    import lrmath
     from lrmath.whitening import CHOLESKY_SCHEDULE
-    from lrmath_hf.recipes.flat_output import _damped_cholesky
 
     gen = torch.Generator().manual_seed(0)
     k = 48
@@ -25,7 +29,7 @@ def test_damped_cholesky_handles_semidefinite_dead_and_indefinite_blocks():
     rank_deficient = (X @ X.T).to(torch.float64)  # rank 6, float32 rounding: not PD numerically
     spd = torch.eye(k, dtype=torch.float64) + 0.1 * torch.ones(k, k, dtype=torch.float64)
     A = torch.stack([rank_deficient, torch.zeros(k, k, dtype=torch.float64), spd])
-    L, alive = _damped_cholesky(A, 1e-12)
+    L, _, alive = lrmath.damped_cholesky(A, 1e-12)
     assert alive.tolist() == [True, False, True]
     assert torch.equal(L, torch.tril(L))
     assert torch.equal(L[1], torch.eye(k, dtype=torch.float64))
@@ -39,7 +43,7 @@ def test_damped_cholesky_handles_semidefinite_dead_and_indefinite_blocks():
     assert float((L[2] @ L[2].T - spd).abs().max()) <= 1e-9  # SPD: the requested 1e-12 was enough
     for bad in (-torch.eye(3, dtype=torch.float64), torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))):
         with pytest.raises(ValueError, match="not positive semidefinite"):
-            _damped_cholesky(bad[None], 1e-12)
+            lrmath.damped_cholesky(bad[None], 1e-12)
 
 
 @pytest.mark.parametrize("recipe", ["flat", "auto", "flat-paper"])
@@ -62,6 +66,22 @@ def test_flat_paper_raises_the_ridge_with_a_warning_on_three_tokens():
     assert torch.isfinite(model(token_batch(seed=5)).logits).all()
 
 
+def test_split_by_error_raises_each_layers_ridge_once():
+    """Under ``split="error"`` the elimination path and the later fold factor the same statistic:
+    the fold starts from the ridge the path needed, so each layer warns (at most) once."""
+    import warnings
+
+    model = tiny_model("llama", dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lrmath_hf.compress(model, [token_batch(seed=3, batch=1, length=3)], recipe="flat", ratio=0.3,
+                           progress=False, split="error", selection="obs", refit_o=True, ridge=1e-9)
+    raised = [str(w.message).split(":")[0] for w in caught if "relative ridge raised" in str(w.message)]
+    assert raised, "three tokens should need a larger ridge than 1e-9"
+    assert len(raised) == len(set(raised)), raised
+    assert torch.isfinite(model(token_batch(seed=5)).logits).all()
+
+
 def test_ridge_escalation_stops_at_its_cap_and_reraises():
     from lrmath.nystrom import RidgeTooSmallError
     from lrmath_hf.recipes.common import MAX_RIDGE, with_ridge_escalation
@@ -75,7 +95,7 @@ def test_ridge_escalation_stops_at_its_cap_and_reraises():
     with pytest.raises(RidgeTooSmallError):
         with_ridge_escalation(never, 1e-6, "x")
     assert tried[0] == 1e-6 and tried[-1] == MAX_RIDGE and all(b > a for a, b in zip(tried, tried[1:]))
-    assert with_ridge_escalation(lambda r: r, 1e-3, "x") == 1e-3  # no warning, nothing raised
+    assert with_ridge_escalation(lambda r: 2 * r, 1e-3, "x") == (2e-3, 1e-3)  # no warning, nothing raised
 
 
 @pytest.mark.gpu

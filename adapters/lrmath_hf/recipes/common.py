@@ -79,12 +79,14 @@ MAX_RIDGE = 0.1  # relative: a tenth of the mean channel variance; beyond it the
 
 
 def with_ridge_escalation(fn, ridge: float, what: str):
-    """``fn(ridge)``, retried with ten times the relative ridge (up to :data:`MAX_RIDGE`) while
-    lrmath reports it below the rounding of the statistic (:class:`lrmath.nystrom.RidgeTooSmallError`).
+    """``(fn(used), used)``: ``fn`` retried with ten times the relative ridge (up to :data:`MAX_RIDGE`)
+    while lrmath reports it below the rounding of the statistic
+    (:class:`lrmath.nystrom.RidgeTooSmallError`).
 
     That happens only with degenerate calibration (fewer or collinear tokens than channels, so
     the float32-accumulated Gram is singular and rounds below ``-lam``); a ``RuntimeWarning``
-    names the ridge actually used.
+    names the ridge actually used. Callers that factor the same statistic again pass ``used``
+    on, so one layer is escalated (and warned about) once.
     """
     used = ridge
     while True:
@@ -99,7 +101,7 @@ def with_ridge_escalation(fn, ridge: float, what: str):
         warnings.warn(f"{what}: relative ridge raised from {ridge:g} to {used:g}; the calibration statistic is "
                       "singular below the requested ridge (too few or collinear calibration tokens)",
                       RuntimeWarning, stacklevel=3)
-    return out
+    return out, used
 
 
 def weight64(linear: nn.Module) -> torch.Tensor:

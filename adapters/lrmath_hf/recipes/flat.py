@@ -113,13 +113,14 @@ def _nystrom_mlp(model, spec: ArchSpec, layer: int, moments, channels: int, ridg
     down = get_linear(model, layer, "down", spec)
     if kept is None:
         weight = weight64(down).to(moments.gram.device) if selection == "obs" else None
-        sel = with_ridge_escalation(
+        sel, _ = with_ridge_escalation(
             lambda r: lrmath.nystrom_select(moments.gram, channels, ridge=r, method=selection, weight=weight,
                                             psd_rtol=gram_psd_rtol(moments.dim)), ridge, f"layer {layer} MLP")
         kept = sel.indices
         new_weight = weight64(down) @ sel.reconstruction
     else:  # W_down R solved for its rows directly (lrmath.nystrom_fold): R itself is never needed
-        new_weight = with_ridge_escalation(
+        # (``ridge`` is then the one the split's elimination path already needed)
+        new_weight, _ = with_ridge_escalation(
             lambda r: lrmath.nystrom_fold(moments.gram, torch.as_tensor(kept, device=moments.gram.device),
                                           weight64(down).to(moments.gram.device), ridge=r), ridge,
             f"layer {layer} MLP")
@@ -192,10 +193,11 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
     def compress_layer(layer: int, layer_stats) -> None:
         head_rank, channels = _ranks(spec, float(w[layer]), channel_multiple)
         kept = priced = None
+        mlp_ridge = ridge
         if split == "error":
             budget = layer_parameters(spec, float(w[layer]), qk=False, channel_multiple=channel_multiple)
-            head_rank, channels, kept, priced = _split_layer(model, spec, layer, layer_stats, budget, ridge, v_basis,
-                                                             channel_multiple)
+            head_rank, channels, kept, priced, mlp_ridge = _split_layer(model, spec, layer, layer_stats, budget,
+                                                                        ridge, v_basis, channel_multiple)
         if head_rank < spec.head_dim:
             pca = lrmath.pca_truncate(layer_stats.head_outputs["v"].second_moment(), head_rank)
             bases = pca.basis
@@ -213,7 +215,7 @@ def _run(model, spec, batches, *, ratio, progress, qk, paper, ridge, stats=None,
             for role in ("q", "k"):
                 _fold_qk(model, spec, layer, role, layer_stats.head_outputs[role], head_rank)
         if channels < spec.intermediate_size:
-            _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, ridge, selection, kept)
+            _nystrom_mlp(model, spec, layer, layer_stats.inputs["down"], channels, mlp_ridge, selection, kept)
         result.ranks[str(layer)] = {"kept_fraction": float(w[layer]), "head_rank": head_rank,
                                     "mlp_channels": channels}
 

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 import lrmath
-from lrmath.whitening import CHOLESKY_SCHEDULE
 
 from ..specs import ArchSpec, get_linear
 from .common import gram_psd_rtol, weight64, with_ridge_escalation
@@ -30,7 +29,7 @@ def _refit_o(model, spec: ArchSpec, layer: int, moments, w_o: torch.Tensor, base
     ``damping`` times the mean diagonal of ``P^T C P``, raised along
     :data:`lrmath.whitening.CHOLESKY_SCHEDULE` where ``P^T C P`` is positive definite only
     to the rounding of a float32-accumulated Gram (few or nearly collinear
-    tokens), see :func:`_damped_cholesky`.
+    tokens), see :func:`lrmath.damped_cholesky`.
     """
     o_proj = get_linear(model, layer, "o", spec)
     kv_of_head = torch.arange(spec.num_heads) // spec.group_size
@@ -39,56 +38,12 @@ def _refit_o(model, spec: ArchSpec, layer: int, moments, w_o: torch.Tensor, base
     C = moments.second_moment().to(torch.float64).cpu()
     CP = C @ P
     A = P.T @ CP
-    L, alive = _damped_cholesky(A[None], damping)
+    L, _, alive = lrmath.damped_cholesky(A[None], damping)
     Y = w_o.to(torch.float64).cpu() @ CP
     # A == 0: the kept code carries no signal (C P = 0 for PSD C), so its least-squares weight is 0
     W = torch.cholesky_solve(Y.T, L[0]).T if alive[0] else torch.zeros_like(Y)
     with torch.no_grad():
         o_proj.weight.copy_(W.to(device=o_proj.weight.device, dtype=o_proj.weight.dtype))
-
-
-def _damped_cholesky(A: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Lower Cholesky factors of ``A_h + alpha_h m_h I`` for a batch of PSD matrices ``A`` (B, k, k).
-
-    ``m_h`` is the mean diagonal of ``A_h``; ``alpha_h`` starts at ``damping`` and
-    is raised along :data:`lrmath.whitening.CHOLESKY_SCHEDULE` (as :func:`lrmath.whiten`
-    does) until the factorisation succeeds. Statistics accumulated with float32
-    Grams are PSD only to about ``10 N eps_32`` relative, so with few or nearly
-    collinear calibration tokens the undamped factorisation can fail.
-
-    Returns
-    -------
-    L : torch.Tensor (B, k, k)
-        The factors; the identity where ``A_h`` is zero.
-    alive : torch.Tensor of bool (B,)
-        False where ``A_h`` is exactly zero (a head that never carries signal).
-
-    Raises
-    ------
-    ValueError
-        If some nonzero ``A_h`` has a non-positive mean diagonal, or fails even
-        at the schedule's largest damping: it is then not PSD to rounding,
-        which no calibration statistic can be.
-    """
-    scale = A.diagonal(dim1=-2, dim2=-1).mean(-1)
-    alive = A.flatten(1).abs().amax(-1) > 0
-    if bool((alive & (scale <= 0)).any()):
-        raise ValueError("matrices with a non-positive mean diagonal that are not zero are not positive semidefinite")
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    L = eye.expand_as(A).clone()
-    todo = alive.clone()
-    for alpha in [damping] + [a for a in CHOLESKY_SCHEDULE if a > damping]:
-        if not bool(todo.any()):
-            break
-        idx = todo.nonzero().flatten()
-        factor, info = torch.linalg.cholesky_ex(A[idx] + (alpha * scale[idx])[:, None, None] * eye)
-        ok = info == 0
-        L[idx[ok]] = factor[ok]
-        todo[idx[ok]] = False
-    if bool(todo.any()):
-        raise ValueError(f"matrices {todo.nonzero().flatten().tolist()} are not positive semidefinite "
-                         f"to rounding: Cholesky failed up to damping {CHOLESKY_SCHEDULE[-1]:g}")
-    return L, alive
 
 
 def _o_head_blocks(spec: ArchSpec, moments) -> torch.Tensor:
@@ -146,7 +101,7 @@ def _value_output_losses(spec: ArchSpec, moments, w_o: torch.Tensor, bases: torc
     # A_r the leading block) is the energy of the first r rows of L^-1 B^T, so one factorisation
     # per head prices every r
     A = Q.transpose(1, 2) @ Ch @ Q
-    L, alive = _damped_cholesky(A, 1e-12)
+    L, _, alive = lrmath.damped_cholesky(A, 1e-12)
     B = (W @ Ch @ Q) * alive[:, None, None]  # a dead head (A_h = 0, hence C_h Q = 0) keeps nothing
     Z = torch.linalg.solve_triangular(L, B.transpose(1, 2), upper=False)  # (H, d, n)
     kept = torch.cumsum((Z**2).sum(dim=(0, 2)), 0)
@@ -187,8 +142,9 @@ def _error_split(spec: ArchSpec, budget: int, vo_loss: torch.Tensor, path, token
 def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, budget: int, ridge: float, v_basis: str,
                  channel_multiple: int = 1):
     """``split="error"``: one layer's head dim and channels within ``budget`` parameters (its IPRS share), the kept MLP channels
-    (ascending), and the nested value bases (G, d_h, d_h) it priced (their first ``r`` columns are the
-    rank-``r`` bases)."""
+    (ascending), the nested value bases (G, d_h, d_h) it priced (their first ``r`` columns are the
+    rank-``r`` bases), and the relative ridge the MLP's elimination path needed (``ridge``, unless
+    degenerate calibration raised it)."""
     d = spec.head_dim
     fixed, per_rank, per_channel = _split_costs(spec)
     f = spec.intermediate_size
@@ -203,10 +159,10 @@ def _split_layer(model, spec: ArchSpec, layer: int, layer_stats, budget: int, ri
     # lrmath keeps every operand where the statistics are (the model's device during calibration)
     weight = weight64(get_linear(model, layer, "down", spec)).to(down_stats.gram.device)
     # one elimination down to the smallest count any split can use prices every count above it
-    path = with_ridge_escalation(
+    path, used_ridge = with_ridge_escalation(
         lambda r: lrmath.obs_path(down_stats.gram, k_min, ridge=r, weight=weight, psd_rtol=gram_psd_rtol(down_stats.dim)),
         ridge, f"layer {layer} MLP")
     head_rank, channels = _error_split(spec, budget, vo_loss, path, down_stats.count, channel_multiple)
     removed = lrmath._backend.to_numpy(path.removed)[: spec.intermediate_size - channels]
     kept = np.setdiff1d(np.arange(spec.intermediate_size), removed)  # ascending
-    return head_rank, channels, kept, bases
+    return head_rank, channels, kept, bases, used_ridge
