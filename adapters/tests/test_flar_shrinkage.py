@@ -148,3 +148,57 @@ def test_heldout_options_are_refused(dense):
         shrunk_covariance(lrmath.Moments(3).update(torch.randn(5, 3, dtype=F64)), "heldout")
     with pytest.raises(ValueError, match="shrinkage"):
         _compress(copy.deepcopy(dense), shrinkage=True)
+
+
+@pytest.mark.parametrize("m", [6, 20])
+def test_sample_energy_tail_is_the_sample_error_of_the_shrunk_truncation(m):
+    """``error_covariance="sample"``: every tail sum of ``sample_energy`` is
+    ``tr((W - W_r) S_0 (W - W_r)^T)`` for the truncation whitened under the SHRUNK covariance."""
+    from lrmath_hf.recipes.flar import sample_energy
+
+    rng = np.random.default_rng(3)
+    p = 12
+    mix = rng.standard_normal((p, p)) * np.logspace(0, 2, p)
+    stats = _moments(torch.from_numpy(rng.standard_normal((40, p)) @ mix))
+    S0, _ = shrunk_covariance(stats, "none")
+    C, s = shrunk_covariance(stats, 0.2, target="diagonal")
+    W = torch.from_numpy(rng.standard_normal((m, p)))
+    svd = lrmath.whitened_svd(W, lrmath.whiten(C, method="cholesky"), min(m, p))
+    energy = sample_energy(svd.singular_values, svd.right, S0)
+    for r in range(min(m, p) + 1):
+        D = W - svd.left[:, :r] @ svd.right[:r]
+        assert float(energy[r:].sum()) == pytest.approx(float(torch.trace(D @ S0 @ D.T)), rel=1e-9, abs=1e-12)
+    # at s = 0 the energies are the squared singular values
+    svd0 = lrmath.whitened_svd(W, lrmath.whiten(S0, method="cholesky"), min(m, p))
+    torch.testing.assert_close(sample_energy(svd0.singular_values, svd0.right, S0), svd0.singular_values**2,
+                               rtol=1e-9, atol=1e-12 * float(svd0.singular_values[0]) ** 2)
+
+
+def test_non_increasing_pools_violators_and_keeps_block_tail_sums():
+    from lrmath_hf.recipes.flar_ranks import non_increasing
+
+    x = torch.tensor([5.0, 1.0, 3.0, 2.0, 2.0, 0.5], dtype=F64)
+    y = non_increasing(x)
+    assert torch.all(y[:-1] >= y[1:])
+    torch.testing.assert_close(y, torch.tensor([5.0, 2.0, 2.0, 2.0, 2.0, 0.5], dtype=F64))
+    assert float(y.sum()) == pytest.approx(float(x.sum()))
+    sorted_in = torch.tensor([3.0, 2.0, 1.0], dtype=F64)
+    torch.testing.assert_close(non_increasing(sorted_in), sorted_in)  # already descending: unchanged
+
+
+def test_sample_error_covariance_changes_only_ranks(dense):
+    """The factors are whitened as before; with no shrinkage the option changes nothing at all."""
+    base = copy.deepcopy(dense)
+    same = copy.deepcopy(dense)
+    r0 = _compress(base, shrinkage="none")
+    r1 = _compress(same, shrinkage="none", error_covariance="sample")
+    assert r0.ranks == r1.ranks
+    pixels = _batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(base(pixel_values=pixels).last_hidden_state,
+                                   same(pixel_values=pixels).last_hidden_state, rtol=0, atol=0)
+    for shrinkage in (0.3, "ledoit_wolf"):  # targets mu I and Diag(S)
+        report = _compress(copy.deepcopy(dense), shrinkage=shrinkage, error_covariance="sample")
+        assert report.details["error_covariance"] == "sample" and 0.15 <= report.ratio_achieved <= 0.45
+    with pytest.raises(ValueError, match="error_covariance"):
+        _compress(copy.deepcopy(dense), error_covariance="held-out")

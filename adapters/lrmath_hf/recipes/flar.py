@@ -25,13 +25,13 @@ from ..specs import ArchSpec, get_linear, iter_layers, set_linear
 from ..specs_vision import final_norm
 from . import RecipeResult, register
 from .common import group_name, input_plan, run_calibration, timer, weight64
-from .flar_ranks import rescale_ranks, slope_ranks
+from .flar_ranks import non_increasing, rescale_ranks, sample_energy, slope_ranks
 from .flar_shrinkage import (HELDOUT_GRID, _check_grid, fold_batches, heldout_error, heldout_intensity,
                              merge_statistics, reference_intensity, resolve_target, shrunk_covariance)
 
 __all__ = ["SHRINKAGE", "CRITERIA", "ALLOCATIONS", "HELDOUT_GRID", "run_flar", "flar_statistics",
            "fold_batches", "merge_statistics", "shrunk_covariance", "heldout_error", "heldout_intensity",
-           "reference_intensity", "rescale_ranks", "slope_ranks"]
+           "reference_intensity", "rescale_ranks", "sample_energy", "slope_ranks"]
 
 SHRINKAGE = ("heldout", "ledoit_wolf", "oas", "reference", "none")
 CRITERIA = ("feature", "weight", "uniform")
@@ -57,12 +57,16 @@ def flar_statistics(model, spec: ArchSpec, batches, *, folds: int = 1, progress:
 class _Linear:
     """One encoder linear with its full whitened SVD and input mean."""
 
-    def __init__(self, dense, svd, mean):
+    def __init__(self, dense, svd, mean, sample=None):
         self.weight, self.bias = weight64(dense), None if dense.bias is None else dense.bias.detach().double()
         self.dtype, self.device = dense.weight.dtype, dense.weight.device
         self.svd, self.mean = svd, mean
         self.shape = tuple(self.weight.shape)
-        self.energy = (svd.singular_values.double() ** 2).cpu()
+        sigma = svd.singular_values.double()
+        if sample is None:
+            self.energy = (sigma**2).cpu()
+        else:
+            self.energy = non_increasing(sample_energy(sigma, svd.right.double(), sample.double()).cpu())
 
     def module(self, rank: int) -> FactorizedLinear:
         """Rank-``rank`` slice; with a mean, the bias absorbs ``(W - W_r) m`` (zero mean output error)."""
@@ -130,7 +134,8 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
              search_images: int = 16, latency_batch: int = 1, latency_margin: float = 0.05,
              latency_cache_dir: Any = None, latency_table: LatencyTable | None = None,
              measure_latency: bool | None = None, statistics=None, search_memo: dict | None = None,
-             heldout_grid=HELDOUT_GRID, shrinkage_target: str | None = None) -> RecipeResult:
+             heldout_grid=HELDOUT_GRID, shrinkage_target: str | None = None,
+             error_covariance: str = "shrunk") -> RecipeResult:
     """FLAR-SVD (Thoma et al., CVPR 2025 Workshops) for ViT / DeiT / DINOv2 encoders.
 
     Parameters
@@ -178,6 +183,12 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
         Criterion values shared by calls on the same dense model and calibration.
     heldout_grid : sequence of float
         Multiples of the Ledoit-Wolf intensity ``"heldout"`` chooses from.
+    error_covariance : {"shrunk", "sample"}
+        The covariance under which the rank search models each linear's error
+        ``sum_{i>r} e_i``. ``"shrunk"``: the whitening's, ``e_i = sigma_i^2``.
+        ``"sample"``: the unshrunk sample covariance ``S_0`` the calibration measured,
+        ``e_i = sigma_i^2 b_i S_0 b_i^T`` (:func:`sample_energy`). The factors are the
+        same either way; only the ranks can change.
 
     Notes
     -----
@@ -193,6 +204,8 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
                                        and 0.0 <= shrinkage <= 1.0)):
         raise ValueError(f"shrinkage must be one of {SHRINKAGE} or a number in [0, 1], got {shrinkage!r}")
     target = resolve_target(shrinkage, shrinkage_target)
+    if error_covariance not in ("shrunk", "sample"):
+        raise ValueError(f"error_covariance must be 'shrunk' or 'sample', got {error_covariance!r}")
     heldout = shrinkage == "heldout"
     if heldout:
         _check_grid(heldout_grid)
@@ -224,14 +237,18 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
                                                                       target=target)
                 whitener = lrmath.whiten(C, method="cholesky", damping=damping)
                 fallbacks += whitener.fallback is not None
+                sample = None
+                if error_covariance == "sample" and intensities[f"{layer}.{name}"] > 0:
+                    sample = shrunk_covariance(moments, "none", center=center)[0]
                 for role in group:
                     dense = get_linear(model, layer, role, spec)
                     svd = lrmath.whitened_svd(weight64(dense), whitener, min(dense.weight.shape))
-                    linears[(layer, role)] = _Linear(dense, svd, moments.mean if center else None)
+                    linears[(layer, role)] = _Linear(dense, svd, moments.mean if center else None, sample)
     keys = list(linears)
     shapes = [linears[k].shape for k in keys]
     details: dict[str, Any] = {"shrinkage": shrinkage, "shrinkage_target": target,
                                "criterion": criterion, "allocation": allocation,
+                               "error_covariance": error_covariance,
                                "latency_aware": latency_aware, "center": center, "damping": damping,
                                "multiple": multiple, "shrinkage_intensity": intensities,
                                "whitening_fallbacks": fallbacks}

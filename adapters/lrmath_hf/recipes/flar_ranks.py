@@ -7,10 +7,11 @@ shapes and spectra, tested on their own.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 import lrmath
 
-__all__ = ["rescale_ranks", "slope_ranks"]
+__all__ = ["non_increasing", "rescale_ranks", "sample_energy", "slope_ranks"]
 
 
 def _cost(ranks, shapes) -> int:
@@ -86,3 +87,39 @@ def slope_ranks(spectra, shapes, budget: float, *, multiple: int = 8, caps=None)
         if not over - {i for i, r in ranks.items() if r >= keq[i]}:
             return [None if i in dense or ranks[i] >= keq[i] else ranks[i] for i in range(len(shapes))]
         dense |= {i for i in over if ranks[i] < keq[i]}
+
+
+def sample_energy(sigma, right, sample):
+    r"""Error of dropping each whitened-SVD component, measured under the sample covariance ``sample``.
+
+    ``sigma`` (k,) and ``right`` (k, n) are all components of :func:`lrmath.whitened_svd`
+    under a shrunk covariance ``C = L L^T`` (``right_i = sigma_i^{1/2} b_i``,
+    ``b_i = v_i^T L^{-1}``); ``sample`` (n, n) is the covariance the error is taken
+    under.
+
+    Notes
+    -----
+    :math:`W - W_r = \sum_{i>r} \sigma_i u_i b_i` with orthonormal :math:`u_i`, so
+    :math:`\operatorname{tr}((W - W_r) S_0 (W - W_r)^\top) = \sum_{i>r} \sigma_i^2 b_i S_0 b_i^\top`:
+    the error stays a tail sum, with :math:`e_i = \sigma_i\, \mathrm{right}_i S_0 \mathrm{right}_i^\top`
+    (:math:`= \sigma_i^2` when :math:`S_0 = C`). Shrinkage adds :math:`s T` to every
+    direction; under :math:`S_0` the components that owe their size to it lose it again.
+    """
+    return sigma * ((right @ sample) * right).sum(-1)
+
+
+def non_increasing(energy):
+    """The closest non-increasing sequence (least squares, pool adjacent violators), same total.
+
+    :func:`sample_energy` need not be sorted; the allocators need a descending
+    spectrum (non-increasing marginal gains). Pooling keeps every tail sum at a
+    block boundary, so the modelled error at those ranks is unchanged.
+    """
+    blocks: list[list[float]] = []  # [mean, length]
+    for value in (float(v) for v in energy):
+        blocks.append([value, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2]
+    out = [max(m, 0.0) for m, n in blocks for _ in range(int(n))]
+    return torch.tensor(out, dtype=torch.float64)
