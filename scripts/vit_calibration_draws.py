@@ -125,21 +125,28 @@ def _section(n, ratio, methods, get) -> list[str]:
             f"{100 * acc[m].mean():.2f} ± {100 * (acc[m].std(ddof=1) if len(complete) > 1 else 0.0):.2f}"
             for m in methods) + " |")
     out.append("")
-    if "full" in methods and len(complete) >= 2:
-        linears = len(get[complete[0], "full"]["ranks"])
-        out += ["| full FLAR minus | mean difference (pts) | draws full better / worse / tied | p (two-sided) "
+    done: set = set()
+    for base in [m for m in ("full", "flar-ref-slope-lat") if m in methods]:
+        others = [m for m in methods if m != base and frozenset((base, m)) not in done]
+        if len(complete) < 2 or not others:
+            continue
+        linears = len(get[complete[0], base]["ranks"])
+        out += [f"| {_short(base)} minus | mean difference (pts) | draws better / worse / tied | p (two-sided) "
                 f"| linears ranked differently (mean, of {linears}) |",
                 "|---|---|---|---|---|"]
-        for m in methods:
-            if m == "full":
-                continue
-            diff = acc["full"] - acc[m]
-            p = paired_score_test(acc["full"], acc[m]).p_value if np.any(diff) else 1.0
-            moved = np.mean([_rank_changes(get[d, "full"], get[d, m]) for d in complete])
+        for m in others:
+            done.add(frozenset((base, m)))
+            diff = acc[base] - acc[m]
+            p = paired_score_test(acc[base], acc[m]).p_value if np.any(diff) else 1.0
+            moved = np.mean([_rank_changes(get[d, base], get[d, m]) for d in complete])
             out.append(f"| {METHODS[m][0]} | {100 * diff.mean():+.2f} | {int((diff > 0).sum())} / "
                        f"{int((diff < 0).sum())} / {int((diff == 0).sum())} | {p:.3g} | {moved:.1f} |")
         out.append("")
     return out
+
+
+def _short(method: str) -> str:
+    return "full FLAR" if method == "full" else "reference shrinkage"
 
 
 def _rank_changes(a: dict, b: dict) -> int:
