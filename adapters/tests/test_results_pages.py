@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from .test_device_scripts import ROOT, _script  # loads a script from scripts/ by file path
+
 DRAWS = ROOT / "docs" / "data" / "vit-calibration-draws-2026-11-27.json"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_lrmath_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_calibration_draws_page_is_generated_from_the_committed_run(monkeypatch):
