@@ -303,7 +303,7 @@ def damped_cholesky(A, damping: float = 0.0) -> DampedCholesky:
     Aw = (Aw + xp.matrix_transpose(Aw)) / 2
     L, used, alive, failed = _cholesky_schedule(Aw, damping, xp)
     if bool(xp.any(failed)):
-        bad = [int(i) for i in xp.reshape(xp.nonzero(xp.reshape(failed, (-1,)))[0], (-1,))]
+        bad = [int(i) for i in xp.nonzero(xp.reshape(failed, (-1,)))[0]]
         raise ValueError(f"matrices {bad} (flat batch index) are not positive semidefinite to rounding: "
                          f"Cholesky failed up to relative damping {CHOLESKY_SCHEDULE[-1]:g}")
     return DampedCholesky(factor=L, damping=used, alive=alive)

@@ -109,11 +109,12 @@ def sample_energy(sigma, right, sample):
 
 
 def non_increasing(energy):
-    """The closest non-increasing sequence (least squares, pool adjacent violators), same total.
+    """The closest non-increasing sequence (least squares, pool adjacent violators), clipped at 0.
 
     :func:`sample_energy` need not be sorted; the allocators need a descending
     spectrum (non-increasing marginal gains). Pooling keeps every tail sum at a
-    block boundary, so the modelled error at those ranks is unchanged.
+    block boundary, so the modelled error at those ranks is unchanged; a negative
+    pooled value (rounding of a PSD statistic) becomes 0.
     """
     blocks: list[list[float]] = []  # [mean, length]
     for value in (float(v) for v in energy):
