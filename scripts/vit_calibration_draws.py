@@ -27,7 +27,6 @@ is not measured here (the latency-aware methods read the cached table).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import fcntl
 import json
@@ -39,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import lrmath_hf
 import lrmath_hf.specs_vision  # noqa: F401  registers vit / deit / dinov2
 from lrmath_hf import data, evaluate, zoo
 from lrmath_hf.latency import default_cache_dir
@@ -48,7 +46,7 @@ from lrmath_hf.specs import get_spec
 from lrmath_hf.specs_vision import sync_mlp_width
 from lrmath_hf.significance import paired_score_test
 from vit_report import METHODS  # the script's folder is on sys.path
-from vit_results import log, probe_score, probe_setting, summarise_details
+from vit_results import compress_method, log, probe_score, probe_setting, summarise_details
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 3000
@@ -71,17 +69,13 @@ def run_draw(draw, n, model, train, ratios, methods, score, results, save):
     if not todo:
         return
     t = time.perf_counter()
-    stats = merge_statistics(flar_statistics(model, get_spec(model), batches, folds=2))
+    folds = flar_statistics(model, get_spec(model), batches, folds=2)
+    stats = merge_statistics(folds)
     log(f"{n} digits, draw {draw}: statistics in {time.perf_counter() - t:.0f} s ({stats.tokens} tokens)")
     memo: dict = {}
     for method, ratio in todo:
-        _, recipe, options = METHODS[method]
-        if recipe != "flar" or options.get("shrinkage") == "heldout":
-            raise SystemExit(f"{method}: only FLAR methods on the merged statistics are supported here")
-        compressed = copy.deepcopy(model)
         t = time.perf_counter()
-        report = lrmath_hf.compress(compressed, batches, recipe="flar", ratio=ratio, progress=False, **options,
-                                    statistics=stats, search_memo=memo, search_images=16, measure_latency=False)
+        compressed, report = compress_method(model, method, batches, ratio, stats=stats, folds=folds, memo=memo)
         row = {"calibration": n, "draw": draw, "method": method, "ratio": ratio, "achieved": report.ratio_achieved,
                "compress_s": time.perf_counter() - t, "ranks": dict(report.ranks),
                **summarise_details(report), **score(compressed)}

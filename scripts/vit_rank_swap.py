@@ -17,14 +17,12 @@ correction and surgery are the recipe's own.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-import lrmath_hf
 import lrmath_hf.specs_vision  # noqa: F401  registers vit / deit / dinov2
 from lrmath_hf import data, evaluate, zoo
 from lrmath_hf.latency import default_cache_dir
@@ -33,7 +31,7 @@ from lrmath_hf.specs import get_spec
 from lrmath_hf.specs_vision import sync_mlp_width
 from vit_calibration_draws import draw_indices, key  # the script's folder is on sys.path
 from vit_report import METHODS
-from vit_results import log, probe_score, probe_setting
+from vit_results import compress_method, log, probe_score, probe_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +59,7 @@ def main(argv=None):
             flar._decide = lambda model, spec, batches, linears, *a, **k: [  # noqa: E731
                 None if ranks[f"{layer}.{role}"] == "dense" else int(ranks[f"{layer}.{role}"])
                 for layer, role in linears]
-            compressed = copy.deepcopy(model)
-            lrmath_hf.compress(compressed, batches, recipe="flar", ratio=ratio, progress=False, **METHODS[method][2],
-                               statistics=stats, search_images=16, measure_latency=False)
+            compressed, _ = compress_method(model, method, batches, ratio, stats=stats)
             swapped = probe_score(probe, evaluate.vit_features(compressed, test), test_y)["accuracy"]
             own = stored[key(n, draw, method, ratio)]["accuracy"]
             theirs = stored[key(n, draw, other, ratio)]["accuracy"]

@@ -116,6 +116,24 @@ def summarise_details(report) -> dict:
     return out
 
 
+def compress_method(model, method, batches, ratio, *, stats, folds=None, memo=None, search_images=16):
+    """A compressed copy of ``model`` by ``METHODS[method]`` and its report.
+
+    FLAR variants share the calibration statistics ``stats`` (held-out shrinkage
+    needs the ``folds`` they merge, from ``flar_statistics(..., folds=2)``) and the
+    criterion memo; latency is measured by the caller.
+    """
+    _, recipe, options = METHODS[method]
+    heldout = options.get("shrinkage") == "heldout"  # absent: run_flar's default, Ledoit-Wolf
+    if heldout and folds is None:
+        raise ValueError(f"{method}: held-out shrinkage needs the fold statistics")
+    compressed = copy.deepcopy(model)
+    extra = {} if recipe != "flar" else dict(statistics=folds if heldout else stats, search_memo=memo,
+                                              search_images=search_images, measure_latency=False)
+    report = lrmath_hf.compress(compressed, batches, recipe=recipe, ratio=ratio, progress=False, **options, **extra)
+    return compressed, report
+
+
 def run_setting(name, model, ratios, methods, results, save, *, batches, score, pixels, search_images,
                 redo=False):
     spec = get_spec(model)
@@ -129,13 +147,9 @@ def run_setting(name, model, ratios, methods, results, save, *, batches, score, 
         for method in methods:
             if not redo and f"{name}|{method}|{ratio}" in results:
                 continue  # measured by an earlier run (resume); --redo measures it again
-            label, recipe, options = METHODS[method]
-            compressed = copy.deepcopy(model)
-            heldout = options.get("shrinkage") == "heldout"  # absent: run_flar's default, Ledoit-Wolf
-            extra = {} if recipe != "flar" else dict(statistics=folds if heldout else stats, search_memo=memo,
-                                                      search_images=search_images, measure_latency=False)
-            report = lrmath_hf.compress(compressed, batches, recipe=recipe, ratio=ratio, progress=False,
-                                        **options, **extra)
+            recipe = METHODS[method][1]
+            compressed, report = compress_method(model, method, batches, ratio, stats=stats, folds=folds, memo=memo,
+                                                 search_images=search_images)
             timings = dict(report.timings)
             if recipe == "flar":
                 timings["calibration"] = shared  # computed once, shared by the FLAR variants
