@@ -14,6 +14,7 @@ Usage (from the repository root)::
     python scripts/vit_calibration_draws.py --shard 1/2 &         # processes (one core each)
     python scripts/vit_calibration_draws.py --calibration 25      # probe-small's size
     python scripts/vit_calibration_draws.py --render-only
+    python scripts/vit_calibration_draws.py --move-rows full old-name   # after the default changes
 
 Setting: DINOv2-S/14, MNIST digits at 112 px, the linear probe fitted once on the dense
 model's features of the 3,000 train digits (as in ``vit_results.py``). Draw 0 calibrates on
@@ -46,7 +47,7 @@ from lrmath_hf.specs import get_spec
 from lrmath_hf.specs_vision import sync_mlp_width
 from lrmath_hf.significance import paired_score_test
 from vit_report import METHODS  # the script's folder is on sys.path
-from vit_results import compress_method, log, probe_score, probe_setting, summarise_details
+from vit_results import compress_method, log, move_rows, probe_score, probe_setting, summarise_details
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 3000
@@ -159,6 +160,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results-vit-draws.md")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--move-rows", nargs=2, metavar=("FROM", "TO"),
+                        help="store the rows of method FROM under method TO (a renamed METHODS entry), then render")
     args = parser.parse_args(argv)
     shard, shards = (int(x) for x in args.shard.split("/"))
     torch.set_num_threads(args.threads)
@@ -182,13 +185,25 @@ def main(argv=None):
         args.json.write_text(json.dumps(stored, indent=1))
         args.out.write_text(render(stored["results"], stored["meta"]))
 
+    command = "python scripts/vit_calibration_draws.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.move_rows:
+        if args.move_rows[1] not in METHODS:
+            parser.error(f"--move-rows: unknown method {args.move_rows[1]!r}")
+        with open(args.json.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # not _save: its merge would bring the old keys back
+            stored = load()
+            move_rows(stored["results"], *args.move_rows,
+                      lambda r: key(r["calibration"], r["draw"], r["method"], r["ratio"]))
+            stored["meta"]["commands"] = list(dict.fromkeys([*stored["meta"].get("commands", []), command]))
+            args.json.write_text(json.dumps(stored, indent=1))
+        args.out.write_text(render(stored["results"], stored["meta"]))
+        return
     stored = load()
     results, meta = stored["results"], stored["meta"]
     meta.setdefault("commands", [])
     if args.render_only:
         args.out.write_text(render(results, meta))
         return
-    command = "python scripts/vit_calibration_draws.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta["commands"] = list(dict.fromkeys([*meta["commands"], command]))
     meta.update(torch=torch.__version__, python=platform.python_version(), date=datetime.date.today().isoformat())
     model, _ = zoo.load_model("dinov2-s14")

@@ -44,12 +44,15 @@ METHODS = {
                             "latency-aware", "flar",
                             dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature",
                                  allocation="slope", latency_aware=True)),
-    "flar-lw-sample-slope-lat": ("FLAR: Ledoit-Wolf toward Diag(S), ranks by the error under the sample covariance, "
-                                 "feature gain, equal slope, latency-aware", "flar",
-                                 dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope",
-                                      latency_aware=True, error_covariance="sample")),
-    "full": ("**full FLAR (default)**: Ledoit-Wolf toward Diag(S), feature gain, equal slope, latency-aware", "flar",
-             dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=True)),
+    "flar-lwdiag-shrunk-slope-lat": ("FLAR: Ledoit-Wolf toward Diag(S), ranks by the error under the shrunk "
+                                     "covariance (the default until stop 16), feature gain, equal slope, "
+                                     "latency-aware", "flar",
+                                     dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope",
+                                          latency_aware=True, error_covariance="shrunk")),
+    "full": ("**full FLAR (default)**: Ledoit-Wolf toward Diag(S), ranks by the error under the sample covariance, "
+             "feature gain, equal slope, latency-aware", "flar",
+             dict(shrinkage="ledoit_wolf", criterion="feature", allocation="slope", latency_aware=True,
+                  error_covariance="sample")),
 }
 
 

@@ -165,6 +165,24 @@ def run_setting(name, model, ratios, methods, results, save, *, batches, score, 
             del compressed
 
 
+def move_rows(results: dict, source: str, target: str, key) -> int:
+    """Re-key the rows of method ``source`` as method ``target`` in place (``key(row)`` names a row).
+
+    For a renamed METHODS entry: the rows keep their numbers and record ``moved_from``.
+    Refuses to overwrite rows already stored under ``target``. Returns how many moved.
+    """
+    moving = [(k, row) for k, row in results.items() if row["method"] == source]
+    for _, row in moving:
+        new = key({**row, "method": target})
+        if new in results:
+            raise ValueError(f"--move-rows: {new!r} is already stored; move or drop it first")
+    for k, row in moving:
+        del results[k]
+        moved = {**row, "method": target, "moved_from": source}
+        results[key(moved)] = moved
+    return len(moving)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
@@ -194,10 +212,7 @@ def main(argv=None):
         source, target = args.move_rows
         if target not in METHODS:
             parser.error(f"--move-rows: unknown method {target!r}")
-        for key, row in list(results.items()):
-            if row["method"] == source:
-                del results[key]
-                results[f"{row['setting']}|{target}|{row['ratio']}"] = {**row, "method": target, "moved_from": source}
+        move_rows(results, source, target, lambda row: f"{row['setting']}|{row['method']}|{row['ratio']}")
         meta["commands"] = list(dict.fromkeys([*meta.get("commands", []), "python scripts/vit_results.py "
                                                + " ".join(sys.argv[1:] if argv is None else argv)]))
         save()

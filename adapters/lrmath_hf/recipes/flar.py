@@ -135,7 +135,7 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
              latency_cache_dir: Any = None, latency_table: LatencyTable | None = None,
              measure_latency: bool | None = None, statistics=None, search_memo: dict | None = None,
              heldout_grid=HELDOUT_GRID, shrinkage_target: str | None = None,
-             error_covariance: str = "shrunk") -> RecipeResult:
+             error_covariance: str = "sample") -> RecipeResult:
     """FLAR-SVD (Thoma et al., CVPR 2025 Workshops) for ViT / DeiT / DINOv2 encoders.
 
     Parameters
@@ -185,10 +185,11 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
         Multiples of the Ledoit-Wolf intensity ``"heldout"`` chooses from.
     error_covariance : {"shrunk", "sample"}
         The covariance under which the rank search models each linear's error
-        ``sum_{i>r} e_i``. ``"shrunk"``: the whitening's, ``e_i = sigma_i^2``.
-        ``"sample"``: the unshrunk sample covariance ``S_0`` the calibration measured,
-        ``e_i = sigma_i^2 b_i S_0 b_i^T`` (:func:`sample_energy`). The factors are the
-        same either way; only the ranks can change.
+        ``sum_{i>r} e_i``. ``"sample"`` (default): the unshrunk sample covariance
+        ``S_0`` the calibration measured, ``e_i = sigma_i^2 b_i S_0 b_i^T``
+        (:func:`sample_energy`). ``"shrunk"``: the whitening's, ``e_i = sigma_i^2``
+        (the default until stop 16). The factors are the same either way; only the
+        ranks can change. docs/vit.md, "Shrinkage choice", has the measurements.
 
     Notes
     -----
