@@ -9,9 +9,8 @@ Usage (from the repository root, after the draws are measured)::
 
     python scripts/vit_rank_swap.py --calibration 25 --ratio 0.5 --draws 0 1 2 3
 
-The ranks are imposed by replacing the recipe's private rank decision
-(``lrmath_hf.recipes.flar._decide``) in this process only; the factorisation, bias
-correction and surgery are the recipe's own.
+The ranks are imposed with the recipe's ``ranks=`` option (no search); the factorisation,
+bias correction and surgery are the recipe's own.
 """
 
 from __future__ import annotations
@@ -41,7 +40,8 @@ def main(argv=None):
     parser.add_argument("--calibration", type=int, default=25)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--methods", nargs=2, default=["full", "flar-ref-slope-lat"], choices=list(METHODS))
+    parser.add_argument("--methods", nargs=2, default=["flar-lwdiag-shrunk-slope-lat", "flar-ref-slope-lat"],
+                        choices=list(METHODS))
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "vit-calibration-draws-2026-11-27.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -56,10 +56,7 @@ def main(argv=None):
         stats = flar.merge_statistics(flar.flar_statistics(model, get_spec(model), batches, folds=2))
         for method, other in (args.methods, args.methods[::-1]):
             ranks = stored[key(n, draw, other, ratio)]["ranks"]
-            flar._decide = lambda model, spec, batches, linears, *a, **k: [  # noqa: E731
-                None if ranks[f"{layer}.{role}"] == "dense" else int(ranks[f"{layer}.{role}"])
-                for layer, role in linears]
-            compressed, _ = compress_method(model, method, batches, ratio, stats=stats)
+            compressed, _ = compress_method(model, method, batches, ratio, stats=stats, ranks=ranks)
             swapped = probe_score(probe, evaluate.vit_features(compressed, test), test_y)["accuracy"]
             own = stored[key(n, draw, method, ratio)]["accuracy"]
             theirs = stored[key(n, draw, other, ratio)]["accuracy"]

@@ -116,14 +116,15 @@ def summarise_details(report) -> dict:
     return out
 
 
-def compress_method(model, method, batches, ratio, *, stats, folds=None, memo=None, search_images=16):
-    """A compressed copy of ``model`` by ``METHODS[method]`` and its report.
+def compress_method(model, method, batches, ratio, *, stats, folds=None, memo=None, search_images=16, **overrides):
+    """A compressed copy of ``model`` by ``METHODS[method]`` (options updated by ``overrides``) and its report.
 
     FLAR variants share the calibration statistics ``stats`` (held-out shrinkage
     needs the ``folds`` they merge, from ``flar_statistics(..., folds=2)``) and the
     criterion memo; latency is measured by the caller.
     """
     _, recipe, options = METHODS[method]
+    options = {**options, **overrides}
     heldout = options.get("shrinkage") == "heldout"  # absent: run_flar's default, Ledoit-Wolf
     if heldout and folds is None:
         raise ValueError(f"{method}: held-out shrinkage needs the fold statistics")

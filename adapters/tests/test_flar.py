@@ -299,3 +299,27 @@ def test_flar_runs_on_cuda_with_a_latency_table_measured_there(dense, shrinkage,
     pixels = pixel_batch(2, seed=3).to("cuda")
     assert torch.isfinite(model(pixel_values=pixels).last_hidden_state).all()
     assert list((tmp_path / "latency").glob("*.json")), "the CUDA latency table was not cached"
+
+
+def test_imposed_ranks_replay_a_compression_exactly(dense):
+    """``ranks=`` a report's own ranks rebuilds the same model with no search; bad mappings are refused."""
+    searched, replayed = copy.deepcopy(dense), copy.deepcopy(dense)
+    report = _compress(searched, ratio=0.4, criterion="feature")
+    assert "dense" in report.ranks.values() or len(set(report.ranks.values())) > 1  # not trivially uniform
+    again = _compress(replayed, ratio=0.4, criterion="feature", ranks=dict(report.ranks))
+    assert again.ranks == report.ranks and again.details["ranks_imposed"]
+    assert again.details["forward_passes"] == {"search": 0}
+    pixels = _batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(searched(pixel_values=pixels).last_hidden_state,
+                                   replayed(pixel_values=pixels).last_hidden_state, rtol=0, atol=0)
+    one = next(iter(report.ranks))
+    for bad, match in [({k: v for k, v in report.ranks.items() if k != one}, "missing"),
+                       ({**report.ranks, "99.q_proj": 8}, "unknown"),
+                       ({**report.ranks, one: 0}, "int in"),
+                       ({**report.ranks, one: True}, "int in"),
+                       ({**report.ranks, one: 10**6}, "int in")]:
+        with pytest.raises(ValueError, match=match):
+            _compress(copy.deepcopy(dense), ranks=bad)
+    with pytest.raises(TypeError, match="dict"):
+        _compress(copy.deepcopy(dense), ranks=[8] * len(report.ranks))

@@ -135,7 +135,7 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
              latency_cache_dir: Any = None, latency_table: LatencyTable | None = None,
              measure_latency: bool | None = None, statistics=None, search_memo: dict | None = None,
              heldout_grid=HELDOUT_GRID, shrinkage_target: str | None = None,
-             error_covariance: str = "sample") -> RecipeResult:
+             error_covariance: str = "sample", ranks: dict | None = None) -> RecipeResult:
     """FLAR-SVD (Thoma et al., CVPR 2025 Workshops) for ViT / DeiT / DINOv2 encoders.
 
     Parameters
@@ -190,6 +190,12 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
         (:func:`sample_energy`). ``"shrunk"``: the whitening's, ``e_i = sigma_i^2``
         (the default until stop 16). The factors are the same either way; only the
         ranks can change. docs/vit.md, "Shrinkage choice", has the measurements.
+    ranks : dict, optional
+        Impose the ranks instead of searching them: ``{"layer.role": rank or "dense"}``
+        for every encoder linear, the format of ``RecipeResult.ranks`` (so one
+        compression's ranks can be replayed on another calibration or shrinkage).
+        Each rank is an int in ``[1, min(m, n)]``. ``ratio`` then only sets the
+        uniform ranks ``shrinkage="heldout"`` scores, and no latency caps apply.
 
     Notes
     -----
@@ -255,8 +261,9 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
                                "whitening_fallbacks": fallbacks}
     if heldout:
         details["heldout_multiple"] = multiples
+    imposed = None if ranks is None else _imposed_ranks(ranks, keys, shapes)
     caps, table = None, None
-    if latency_aware:
+    if latency_aware and imposed is None:
         with timer(result.timings, "latency"):
             param = next(model.parameters())
             table = latency_table or LatencyTable(param.device, param.dtype, cache_dir=latency_cache_dir,
@@ -269,8 +276,11 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
 
     with timer(result.timings, "search"):
         memo_key = (str(shrinkage), target, tuple(intensities.values()), center, damping, search_images)
-        final = _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, details,
-                        search_images=search_images, multiple=multiple, memo=search_memo, memo_key=memo_key)
+        if imposed is not None:
+            final, details["ranks_imposed"], details["forward_passes"] = imposed, True, {"search": 0}
+        else:
+            final = _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, details,
+                            search_images=search_images, multiple=multiple, memo=search_memo, memo_key=memo_key)
 
     measure = latency_aware if measure_latency is None else measure_latency
     dense_copy = copy.deepcopy(model) if measure else None
@@ -290,6 +300,27 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
             report["predicted_compressed_s"] = measured["dense"] - report["predicted_saving_s"]
     result.details = details
     return result
+
+
+def _imposed_ranks(ranks, keys, shapes) -> list[int | None]:
+    """Check a user's ``ranks`` mapping against the encoder linears; ``None`` = dense, in ``keys`` order."""
+    if not isinstance(ranks, dict):
+        raise TypeError(f"ranks must be a dict {{'layer.role': rank or 'dense'}}, got {type(ranks).__name__}")
+    names = [f"{layer}.{role}" for layer, role in keys]
+    missing, unknown = sorted(set(names) - set(ranks)), sorted(set(ranks) - set(names))
+    if missing or unknown:
+        raise ValueError(f"ranks must name every encoder linear exactly once; missing {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}, unknown {unknown[:4]}{' ...' if len(unknown) > 4 else ''}")
+    out = []
+    for name, (m, n) in zip(names, shapes):
+        rank = ranks[name]
+        if rank == "dense" or rank is None:
+            out.append(None)
+        elif isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and 1 <= rank <= min(m, n):
+            out.append(int(rank))
+        else:
+            raise ValueError(f"ranks[{name!r}] must be 'dense' or an int in [1, {min(m, n)}], got {rank!r}")
+    return out
 
 
 def _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, details, *, search_images,
