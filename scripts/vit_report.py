@@ -11,39 +11,49 @@ import numpy as np
 from lrmath_hf import evaluate
 from lrmath_hf.recipes.flar import HELDOUT_GRID
 
-# name -> (label, recipe, options); "full" is the library's default FLAR.
+# name -> (label, recipe, options); "full" is the library's default FLAR. The other FLAR rows pin
+# error_covariance="shrunk", the only pricing before stop 16, so that their stored rows keep their meaning.
 METHODS = {
     "plain-svd": ("plain SVD (no data), uniform rank", "flar",
-                  dict(shrinkage=1.0, center=False, criterion="uniform", latency_aware=False)),
+                  dict(shrinkage=1.0, center=False, criterion="uniform", latency_aware=False,
+                       error_covariance="shrunk")),
     "svd-llm": ("SVD-LLM (Cholesky whitening, uniform rank)", "svd-llm", {}),
     "flar-ref-weight": ("FLAR paper: reference shrinkage, weight cosine, bisection", "flar",
-                        dict(shrinkage="reference", criterion="weight", allocation="threshold", latency_aware=False)),
+                        dict(shrinkage="reference", criterion="weight", allocation="threshold", latency_aware=False,
+                             error_covariance="shrunk")),
     "flar-lw-weight": ("FLAR paper: Ledoit-Wolf (mu I), weight cosine, bisection", "flar",
-                       dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="weight", allocation="threshold", latency_aware=False)),
+                       dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="weight", allocation="threshold", latency_aware=False,
+                            error_covariance="shrunk")),
     "flar-ref-feature": ("FLAR paper: reference shrinkage, feature MSE, bisection", "flar",
-                         dict(shrinkage="reference", criterion="feature", allocation="threshold", latency_aware=False)),
+                         dict(shrinkage="reference", criterion="feature", allocation="threshold", latency_aware=False,
+                              error_covariance="shrunk")),
     "flar-lw-feature": ("FLAR paper: Ledoit-Wolf (mu I), feature MSE, bisection", "flar",
-                        dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature", allocation="threshold", latency_aware=False)),
+                        dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature", allocation="threshold", latency_aware=False,
+                             error_covariance="shrunk")),
     "flar-lw-feature-lat": ("FLAR paper: Ledoit-Wolf (mu I), feature MSE, bisection, latency-aware", "flar",
                             dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature", allocation="threshold",
-                                 latency_aware=True)),
+                                 latency_aware=True, error_covariance="shrunk")),
     "flar-lw-slope": ("FLAR: Ledoit-Wolf (mu I), feature gain, equal slope", "flar",
-                      dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature", allocation="slope", latency_aware=False)),
+                      dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature", allocation="slope", latency_aware=False,
+                           error_covariance="shrunk")),
     "flar-ref-slope-lat": ("FLAR: reference shrinkage, feature gain, equal slope, latency-aware", "flar",
-                           dict(shrinkage="reference", criterion="feature", allocation="slope", latency_aware=True)),
+                           dict(shrinkage="reference", criterion="feature", allocation="slope", latency_aware=True,
+                                error_covariance="shrunk")),
     "flar-heldout-slope-lat": ("FLAR: held-out shrinkage (mu I, grid 0 .. 4 x LW), feature gain, equal slope, "
                                "latency-aware", "flar",
                                dict(shrinkage="heldout", shrinkage_target="identity",
                                     heldout_grid=(0.0, 1 / 64, 1 / 16, 1 / 4, 1 / 2, 1.0, 2.0, 4.0),
-                                    criterion="feature", allocation="slope", latency_aware=True)),
+                                    criterion="feature", allocation="slope", latency_aware=True,
+                                    error_covariance="shrunk")),
     "flar-heldout64-slope-lat": ("FLAR: held-out shrinkage (mu I, grid 0 .. 64 x LW), feature gain, equal slope, "
                                  "latency-aware", "flar",
                                  dict(shrinkage="heldout", shrinkage_target="identity", heldout_grid=HELDOUT_GRID,
-                                      criterion="feature", allocation="slope", latency_aware=True)),
+                                      criterion="feature", allocation="slope", latency_aware=True,
+                                      error_covariance="shrunk")),
     "flar-lwid-slope-lat": ("FLAR: Ledoit-Wolf toward mu I (the default until stop 13), feature gain, equal slope, "
                             "latency-aware", "flar",
                             dict(shrinkage="ledoit_wolf", shrinkage_target="identity", criterion="feature",
-                                 allocation="slope", latency_aware=True)),
+                                 allocation="slope", latency_aware=True, error_covariance="shrunk")),
     "flar-lwdiag-shrunk-slope-lat": ("FLAR: Ledoit-Wolf toward Diag(S), ranks by the error under the shrunk "
                                      "covariance (the default until stop 16), feature gain, equal slope, "
                                      "latency-aware", "flar",
