@@ -24,9 +24,10 @@ Settings (fixed seeds, every number below is measured in this run):
   timed rounds under ``torch.inference_mode`` (rows measured before stop 13:
   2 + 7 rounds with autograd bookkeeping).
 
-Results are kept in a JSON file (``--json``) keyed by setting, method and ratio,
-so runs over different ratios merge; the markdown (``--out``) is generated
-from it, with the command, the machine and the target checks.
+Results are kept in a JSON file (``--json``, by default ``docs/data/vit-results.json``,
+committed with the page) keyed by setting, method and ratio, so runs over
+different ratios merge; the markdown (``--out``) is generated from it, with the
+command, the machine and the target checks.
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", default=["probe", "fidelity"],
                         choices=["probe", "probe-small", "fidelity"])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results-vit.md")
-    parser.add_argument("--json", type=Path, default=default_cache_dir().parent / "vit_results.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "vit-results.json",
+                        help="the run file, committed beside the page it generates (a test re-renders it)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--redo", action="store_true", help="measure again what the JSON already holds")

@@ -7,6 +7,7 @@ import json
 from .test_device_scripts import ROOT, _script  # loads a script from scripts/ by file path
 
 DRAWS = ROOT / "docs" / "data" / "vit-calibration-draws-2026-11-27.json"
+RESULTS = ROOT / "docs" / "data" / "vit-results.json"  # scripts/vit_results.py's default --json
 
 
 def test_calibration_draws_page_is_generated_from_the_committed_run(monkeypatch):
@@ -29,3 +30,14 @@ def test_calibration_draw_zero_is_the_results_page_calibration(monkeypatch):
         assert idx.shape == (400,) and len(set(idx.tolist())) == 400 and idx.max() < 3000
     assert not np.array_equal(others[0], others[1])
     np.testing.assert_array_equal(draws.draw_indices(1), others[0])  # seeded: the same draw every time
+
+
+def test_vit_results_page_is_generated_from_the_committed_run(monkeypatch):
+    """docs/results-vit.md is ``vit_report.render`` of the run file committed beside it, byte for byte."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    stored = json.loads(RESULTS.read_text(encoding="utf-8"))
+    page = (ROOT / "docs" / "results-vit.md").read_text(encoding="utf-8")
+    report = _script("vit_report")
+    assert report.render(stored["results"], stored["meta"]) == page
+    # every stored row is of a method the page still defines (a renamed one is moved, not orphaned)
+    assert {row["method"] for row in stored["results"].values()} <= set(report.METHODS)

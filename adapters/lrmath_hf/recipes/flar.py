@@ -4,7 +4,8 @@ Input moments per shared-input group; shrinkage (:func:`lrmath.ledoit_wolf` by
 default; ``"heldout"``: the Ledoit-Wolf intensity times the factor with the least
 2-fold held-out truncation error, :func:`heldout_intensity`); Cholesky whitening and ONE whitened SVD per linear (every candidate
 rank is a slice of it); ranks (multiples of 8 below ``k_equiv``) from a criterion
-by FLAR's bisection + rescale or by equal marginal error per parameter; with
+by FLAR's bisection + rescale or by equal marginal error per parameter, each
+component's error priced under the sample covariance (:func:`sample_energy`); with
 ``latency_aware``, factorised only where measurably faster here.  See docs/vit.md.
 """
 
