@@ -94,19 +94,43 @@ def _windows(tokenizer, text: str, seq_len: int, n: int, what: str):
     return windows[:n]
 
 
-def _measure(model, tokenizer, eval_windows, args) -> dict:
+def _speed_options(tokenizer, eval_windows, args) -> tuple:
+    prompt = eval_windows[0][None] if eval_windows is not None else tokenizer
+    return prompt, dict(prefill_tokens=min(512, args.seq_len), decode_tokens=64, repeats=3)
+
+
+def _speed_fields(result) -> dict:
+    return {"prefill_tokens_per_s": result.prefill_tokens_per_s, "decode_tokens_per_s": result.decode_tokens_per_s}
+
+
+def _measure(model, tokenizer, eval_windows, args, *, speed: bool = True) -> dict:
     from .evaluate import perplexity, throughput
     from .modules import count_parameters
 
     out = {"parameters": count_parameters(model)}
     if eval_windows is not None:
         out["perplexity"] = perplexity(model, eval_windows, progress=not args.quiet)
-    if not args.no_speed:
-        speed = throughput(model, eval_windows[0][None] if eval_windows is not None else tokenizer,
-                           prefill_tokens=min(512, args.seq_len), decode_tokens=64, repeats=3)
-        out["prefill_tokens_per_s"] = speed.prefill_tokens_per_s
-        out["decode_tokens_per_s"] = speed.decode_tokens_per_s
+    if speed and not args.no_speed:
+        prompt, options = _speed_options(tokenizer, eval_windows, args)
+        out.update(_speed_fields(throughput(model, prompt, **options)))
     return out
+
+
+def _paired(args) -> bool:
+    """Time dense and compressed interleaved (the default), not one after the other."""
+    return not args.no_speed and not args.sequential_speed
+
+
+def _paired_speed(dense, compressed, tokenizer, eval_windows, args) -> tuple[dict, dict]:
+    """Speed fields of ``dense`` and ``compressed``, timed round by round in alternating order."""
+    from .evaluate import throughput_interleaved
+
+    prompt, options = _speed_options(tokenizer, eval_windows, args)
+    if not args.quiet:
+        print("timing dense and compressed interleaved ...")
+    both = throughput_interleaved({"dense": dense, "compressed": compressed}, prompt, **options)
+    return {**_speed_fields(both["dense"]), "speed_timing": "interleaved"}, \
+        {**_speed_fields(both["compressed"]), "speed_timing": "interleaved"}
 
 
 def _table(before: dict, after: dict) -> str:
@@ -201,10 +225,16 @@ def cmd_compress(args) -> int:
     ratio = ratios[0]
     started = time.perf_counter()
     model, tokenizer, calib, eval_windows = _prepare(args)
-    before = _measure(model, tokenizer, eval_windows, args)
+    before = _measure(model, tokenizer, eval_windows, args, speed=not _paired(args))
+    dense = copy.deepcopy(model) if _paired(args) else None  # timed beside the compressed model below
     report = compress(model, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
                       calibration_source=f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens")
-    after = _measure(model, tokenizer, eval_windows, args)
+    after = _measure(model, tokenizer, eval_windows, args, speed=not _paired(args))
+    if dense is not None:
+        dense_speed, compressed_speed = _paired_speed(dense, model, tokenizer, eval_windows, args)
+        before.update(dense_speed)
+        after.update(compressed_speed)
+        del dense
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -233,7 +263,7 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
 
     started = time.perf_counter()
     model, tokenizer, calib, eval_windows = _prepare(args)
-    before = _measure(model, tokenizer, eval_windows, args)
+    before = _measure(model, tokenizer, eval_windows, args, speed=not _paired(args))
     before["file_bytes"] = before["parameters"] * next(model.parameters()).element_size()
     source = f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens"
     stats, calib_seconds = None, 0.0
@@ -267,11 +297,18 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
             if options and stats is not None:
                 report.timings["calibration_shared"] = calib_seconds
                 report.calibration["shared_across_ratios"] = ratios
-            after = _measure(trial, tokenizer, eval_windows, args)
+            after = _measure(trial, tokenizer, eval_windows, args, speed=not _paired(args))
+            dense_here = dict(before)
+            if _paired(args):  # each ratio against the dense model timed in the same rounds
+                dense_speed, compressed_speed = _paired_speed(model, trial, tokenizer, eval_windows, args)
+                after.update(compressed_speed)
+                dense_here.update(dense_speed)
+                before = {**dense_speed, **before}  # the summary's dense row: the first pair's timing
             name = _ratio_folder(ratio)
-            _save(trial, report, root / name, args, ratio, dict(before), after, t0)
+            _save(trial, report, root / name, args, ratio, dense_here, after, t0)
             rows.append({"folder": name, "ratio_requested": ratio, "ratio_achieved": report.ratio_achieved,
                          "model_ratio_achieved": report.model_ratio_achieved, **after,
+                         **{f"dense_{k}": v for k, v in dense_here.items() if k.endswith("_per_s")},
                          "compress_seconds": report.timings.get("total")})
             del trial
             if not args.quiet:
@@ -364,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-text", default=None, help="default: the evaluation split of --calib")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--sequential-speed", action="store_true",
+                   help="time the dense model before compressing and the compressed one after, instead "
+                        "of interleaved after compressing (saves the dense copy that timing keeps, but a "
+                        "change in machine load between the two then reads as a speedup)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", parents=[common], help="perplexity and tokens/s of a model or folder")

@@ -23,6 +23,7 @@ __all__ = [
     "perplexity",
     "ThroughputResult",
     "throughput",
+    "throughput_interleaved",
     "FeatureFidelity",
     "feature_fidelity",
     "vit_features",
@@ -117,6 +118,62 @@ def _prompt_ids(tokenizer_or_ids, prefill_tokens: int) -> torch.Tensor:
     return token_windows(tokenizer_or_ids, text, prefill_tokens, 1)
 
 
+class _Speed:
+    """Times one causal LM's prefill and greedy decode from a fixed prompt, one round at a time."""
+
+    def __init__(self, model, ids: torch.Tensor, decode_tokens: int):
+        self.model, self.device, self.decode_tokens = model, _device(model), decode_tokens
+        self.ids = ids.to(self.device)
+        self.mask = torch.ones_like(self.ids)
+        # A fixed pad id silences generate()'s warning when the config has none.
+        pad = getattr(model.generation_config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(model.generation_config, "eos_token_id", None)
+            pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+        self.pad = pad
+        self.prefill_s: list[float] = []
+        self.decode_s: list[float] = []
+
+    def _timed(self, fn) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        fn()
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def _generate(self, n: int):
+        return self.model.generate(input_ids=self.ids, attention_mask=self.mask, max_new_tokens=n,
+                                   min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=self.pad)
+
+    def round(self, record: bool) -> None:
+        t_prefill = self._timed(lambda: self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=True))
+        t_one = self._timed(lambda: self._generate(1))
+        t_all = self._timed(lambda: self._generate(self.decode_tokens))
+        if record:  # an unrecorded round warms up kernels and allocators
+            self.prefill_s.append(t_prefill)
+            self.decode_s.append(max(t_all - t_one, 1e-9))
+
+    def result(self) -> ThroughputResult:
+        prefill_tokens = int(self.ids.shape[1])
+        prefill_rates = [prefill_tokens / t for t in self.prefill_s]
+        decode_rates = [(self.decode_tokens - 1) / t for t in self.decode_s]
+        return ThroughputResult(
+            prefill_tokens_per_s=statistics.median(prefill_rates),
+            decode_tokens_per_s=statistics.median(decode_rates),
+            prefill_range=(min(prefill_rates), max(prefill_rates)),
+            decode_range=(min(decode_rates), max(decode_rates)),
+            prefill_tokens=prefill_tokens,
+            decode_tokens=self.decode_tokens,
+            repeats=len(self.prefill_s),
+            device=str(self.device),
+        )
+
+
+def _check_speed_args(prefill_tokens: int, decode_tokens: int, repeats: int) -> None:
+    if decode_tokens < 2 or prefill_tokens < 1 or repeats < 1:
+        raise ValueError("need decode_tokens >= 2, prefill_tokens >= 1, repeats >= 1")
+
+
 @torch.inference_mode()
 def throughput(model, tokenizer_or_ids, *, prefill_tokens: int = 512, decode_tokens: int = 64,
                repeats: int = 3) -> ThroughputResult:
@@ -143,50 +200,50 @@ def throughput(model, tokenizer_or_ids, *, prefill_tokens: int = 512, decode_tok
     Prefill: one forward pass over the prompt that fills the cache.  Decode: the time of
     ``generate(max_new_tokens=decode_tokens)`` minus that of ``generate(max_new_tokens=1)``,
     both greedy from the same prompt, so both include the same prefill and set-up costs and
-    the difference is ``decode_tokens - 1`` cached single-token steps.
+    the difference is ``decode_tokens - 1`` cached single-token steps.  To compare two
+    models, use :func:`throughput_interleaved`.
     """
-    if decode_tokens < 2 or prefill_tokens < 1 or repeats < 1:
-        raise ValueError("need decode_tokens >= 2, prefill_tokens >= 1, repeats >= 1")
-    device = _device(model)
-    ids = _prompt_ids(tokenizer_or_ids, prefill_tokens).to(device)
-    mask = torch.ones_like(ids)
-    # A fixed pad id silences generate()'s warning when the config has none.
-    pad = getattr(model.generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.generation_config, "eos_token_id", None)
-        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-
-    def timed(fn):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        return time.perf_counter() - start
-
-    def generate(n):
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, use_cache=True, pad_token_id=pad)
-
-    prefill_s, decode_s = [], []
+    _check_speed_args(prefill_tokens, decode_tokens, repeats)
+    speed = _Speed(model, _prompt_ids(tokenizer_or_ids, prefill_tokens), decode_tokens)
     for run in range(repeats + 1):
-        t_prefill = timed(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True))
-        t_one = timed(lambda: generate(1))
-        t_all = timed(lambda: generate(decode_tokens))
-        if run:  # run 0 warms up kernels and allocators
-            prefill_s.append(t_prefill)
-            decode_s.append(max(t_all - t_one, 1e-9))
-    prefill_rates = [prefill_tokens / t for t in prefill_s]
-    decode_rates = [(decode_tokens - 1) / t for t in decode_s]
-    return ThroughputResult(
-        prefill_tokens_per_s=statistics.median(prefill_rates),
-        decode_tokens_per_s=statistics.median(decode_rates),
-        prefill_range=(min(prefill_rates), max(prefill_rates)),
-        decode_range=(min(decode_rates), max(decode_rates)),
-        prefill_tokens=prefill_tokens,
-        decode_tokens=decode_tokens,
-        repeats=repeats,
-        device=str(device),
-    )
+        speed.round(record=run > 0)
+    return speed.result()
+
+
+@torch.inference_mode()
+def throughput_interleaved(models: dict, tokenizer_or_ids, *, prefill_tokens: int = 512, decode_tokens: int = 64,
+                           repeats: int = 3) -> dict[str, ThroughputResult]:
+    """:func:`throughput` of several models measured round by round in alternating order.
+
+    Parameters
+    ----------
+    models : dict of str to causal LM
+        E.g. ``{"dense": dense, "compressed": compressed}``; every model gets the same prompt.
+    tokenizer_or_ids, prefill_tokens, decode_tokens, repeats
+        As in :func:`throughput`.
+
+    Returns
+    -------
+    dict of str to ThroughputResult
+
+    Notes
+    -----
+    Timing one model after the other lets a change in the machine's load between the two
+    runs pass for a speedup (two idle runs of the end-to-end benchmark on the 2-core CI
+    machine gave ratios 0.3x apart).  Here every round times each model once, and the
+    order is reversed every other round (A B, B A, ...), so a slow drift costs each model
+    alike; ratios of the medians are then comparable.  One warm-up round first.
+    """
+    if not isinstance(models, dict) or not models:
+        raise ValueError("models must be a non-empty dict of name -> model")
+    _check_speed_args(prefill_tokens, decode_tokens, repeats)
+    ids = _prompt_ids(tokenizer_or_ids, prefill_tokens)
+    speeds = {name: _Speed(model, ids, decode_tokens) for name, model in models.items()}
+    order = list(speeds)
+    for run in range(repeats + 1):
+        for name in (order if run % 2 == 0 else order[::-1]):
+            speeds[name].round(record=run > 0)
+    return {name: speed.result() for name, speed in speeds.items()}
 
 
 @torch.inference_mode()

@@ -104,6 +104,8 @@ def test_several_ratios_write_one_loadable_folder_each_and_a_summary(tiny_folder
     assert summary["calibration"]["shared"] is True
     for key in ("perplexity", "prefill_tokens_per_s", "decode_tokens_per_s", "parameters", "file_bytes"):
         assert key in summary["dense"] and all(key in r for r in summary["rows"])
+    for row in summary["rows"]:  # each ratio timed beside the dense model, which it records
+        assert row["speed_timing"] == "interleaved" and row["dense_prefill_tokens_per_s"] > 0
     assert summary["rows"][0]["parameters"] > summary["rows"][1]["parameters"]
     ids = torch.arange(16)[None]
     for row in summary["rows"]:
@@ -177,3 +179,14 @@ def test_compress_on_cuda_writes_a_folder_that_reloads(tiny_folder, tmp_path):
     assert all(p.device.type == "cpu" for p in model.parameters())
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert 0.2 <= report["ratio_achieved"] <= 0.4
+
+
+@pytest.mark.parametrize("extra, timing", [((), "interleaved"), (("--sequential-speed",), None)])
+def test_one_ratio_times_dense_and_compressed_as_asked(tiny_folder, tmp_path, extra, timing):
+    """By default the dense model is timed in the same interleaved rounds as the compressed one."""
+    out = tmp_path / "one"
+    assert _compress(tiny_folder, out, 0.3, extra=extra) == 0
+    report = json.loads((out / "report.json").read_text())
+    for side in ("before", "after"):
+        assert report[side]["prefill_tokens_per_s"] > 0 and report[side]["decode_tokens_per_s"] > 0
+        assert report[side].get("speed_timing") == timing

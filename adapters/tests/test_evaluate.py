@@ -98,6 +98,35 @@ def test_throughput_reports_positive_rates(smollm2):
     assert (result.prefill_tokens, result.decode_tokens, result.device) == (64, 4, "cpu")
 
 
+def test_interleaved_throughput_alternates_the_order_every_round(monkeypatch):
+    """Each round times every model once, in A B / B A order; each model gets its own result."""
+    from ._tiny_models import tiny_model
+
+    models = {"dense": tiny_model("llama", dtype=torch.float32), "other": tiny_model("llama", seed=1,
+                                                                                      dtype=torch.float32)}
+    seen = []
+    original = evaluate._Speed.round
+
+    def spy(self, record):
+        seen.append((next(n for n, m in models.items() if m is self.model), record))
+        return original(self, record)
+
+    monkeypatch.setattr(evaluate._Speed, "round", spy)
+    ids = torch.arange(3, 19)[None]
+    results = evaluate.throughput_interleaved(models, ids, prefill_tokens=12, decode_tokens=3, repeats=3)
+    assert seen == [("dense", False), ("other", False), ("other", True), ("dense", True),
+                    ("dense", True), ("other", True), ("other", True), ("dense", True)]
+    assert set(results) == {"dense", "other"}
+    for result in results.values():
+        assert result.repeats == 3 and (result.prefill_tokens, result.decode_tokens) == (12, 3)
+        assert result.prefill_range[0] <= result.prefill_tokens_per_s <= result.prefill_range[1]
+        assert result.decode_tokens_per_s > 0
+    with pytest.raises(ValueError, match="non-empty dict"):
+        evaluate.throughput_interleaved({}, ids)
+    with pytest.raises(ValueError, match="decode_tokens >= 2"):
+        evaluate.throughput_interleaved(models, ids, decode_tokens=1)
+
+
 @pytest.fixture(scope="module")
 def dinov2():
     model, _ = load_dinov2()
