@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cli_measure import measure, paired, paired_speed, ratio_table, table
+
 __all__ = ["main", "build_parser"]
 
 
@@ -92,56 +94,6 @@ def _windows(tokenizer, text: str, seq_len: int, n: int, what: str):
     if len(windows) < n:
         raise CLIError(f"the {what} text gives {len(windows)} windows of {seq_len} tokens; {n} are needed")
     return windows[:n]
-
-
-def _speed_options(tokenizer, eval_windows, args) -> tuple:
-    prompt = eval_windows[0][None] if eval_windows is not None else tokenizer
-    return prompt, dict(prefill_tokens=min(512, args.seq_len), decode_tokens=64, repeats=3)
-
-
-def _speed_fields(result) -> dict:
-    return {"prefill_tokens_per_s": result.prefill_tokens_per_s, "decode_tokens_per_s": result.decode_tokens_per_s}
-
-
-def _measure(model, tokenizer, eval_windows, args, *, speed: bool = True) -> dict:
-    from .evaluate import perplexity, throughput
-    from .modules import count_parameters
-
-    out = {"parameters": count_parameters(model)}
-    if eval_windows is not None:
-        out["perplexity"] = perplexity(model, eval_windows, progress=not args.quiet)
-    if speed and not args.no_speed:
-        prompt, options = _speed_options(tokenizer, eval_windows, args)
-        out.update(_speed_fields(throughput(model, prompt, **options)))
-    return out
-
-
-def _paired(args) -> bool:
-    """Time dense and compressed interleaved (the default), not one after the other."""
-    return not args.no_speed and not args.sequential_speed
-
-
-def _paired_speed(dense, compressed, tokenizer, eval_windows, args) -> tuple[dict, dict]:
-    """Speed fields of ``dense`` and ``compressed``, timed round by round in alternating order."""
-    from .evaluate import throughput_interleaved
-
-    prompt, options = _speed_options(tokenizer, eval_windows, args)
-    if not args.quiet:
-        print("timing dense and compressed interleaved ...")
-    both = throughput_interleaved({"dense": dense, "compressed": compressed}, prompt, **options)
-    return {**_speed_fields(both["dense"]), "speed_timing": "interleaved"}, \
-        {**_speed_fields(both["compressed"]), "speed_timing": "interleaved"}
-
-
-def _table(before: dict, after: dict) -> str:
-    rows = [("parameters", "{:,}"), ("perplexity", "{:.2f}"), ("prefill_tokens_per_s", "{:.0f}"),
-            ("decode_tokens_per_s", "{:.1f}"), ("file_bytes", "{:,}")]
-    lines = [f"{'':24}{'dense':>16}{'compressed':>16}{'ratio':>9}"]
-    for key, fmt in rows:
-        if key in before and key in after:
-            ratio = after[key] / before[key] if before[key] else float("nan")
-            lines.append(f"{key:24}{fmt.format(before[key]):>16}{fmt.format(after[key]):>16}{ratio:>9.3f}")
-    return "\n".join(lines)
 
 
 def _check_ratios(ratios: list[float]) -> list[float]:
@@ -225,13 +177,13 @@ def cmd_compress(args) -> int:
     ratio = ratios[0]
     started = time.perf_counter()
     model, tokenizer, calib, eval_windows = _prepare(args)
-    before = _measure(model, tokenizer, eval_windows, args, speed=not _paired(args))
-    dense = copy.deepcopy(model) if _paired(args) else None  # timed beside the compressed model below
+    before = measure(model, tokenizer, eval_windows, args, speed=not paired(args))
+    dense = copy.deepcopy(model) if paired(args) else None  # timed beside the compressed model below
     report = compress(model, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
                       calibration_source=f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens")
-    after = _measure(model, tokenizer, eval_windows, args, speed=not _paired(args))
+    after = measure(model, tokenizer, eval_windows, args, speed=not paired(args))
     if dense is not None:
-        dense_speed, compressed_speed = _paired_speed(dense, model, tokenizer, eval_windows, args)
+        dense_speed, compressed_speed = paired_speed(dense, model, tokenizer, eval_windows, args)
         before.update(dense_speed)
         after.update(compressed_speed)
         del dense
@@ -244,7 +196,7 @@ def cmd_compress(args) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(report.summary())
-    print(_table(before, after))
+    print(table(before, after))
     print(f"saved to {out} (load with lrmath_hf.load_compressed)")
     return 0
 
@@ -263,7 +215,7 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
 
     started = time.perf_counter()
     model, tokenizer, calib, eval_windows = _prepare(args)
-    before = _measure(model, tokenizer, eval_windows, args, speed=not _paired(args))
+    before = measure(model, tokenizer, eval_windows, args, speed=not paired(args))
     before["file_bytes"] = before["parameters"] * next(model.parameters()).element_size()
     source = f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens"
     stats, calib_seconds = None, 0.0
@@ -297,13 +249,14 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
             if options and stats is not None:
                 report.timings["calibration_shared"] = calib_seconds
                 report.calibration["shared_across_ratios"] = ratios
-            after = _measure(trial, tokenizer, eval_windows, args, speed=not _paired(args))
+            after = measure(trial, tokenizer, eval_windows, args, speed=not paired(args))
             dense_here = dict(before)
-            if _paired(args):  # each ratio against the dense model timed in the same rounds
-                dense_speed, compressed_speed = _paired_speed(model, trial, tokenizer, eval_windows, args)
+            if paired(args):  # each ratio against the dense model timed in the same rounds
+                dense_speed, compressed_speed = paired_speed(model, trial, tokenizer, eval_windows, args)
                 after.update(compressed_speed)
                 dense_here.update(dense_speed)
-                before = {**dense_speed, **before}  # the summary's dense row: the first pair's timing
+                if "prefill_tokens_per_s" not in before:  # the summary's dense row: the first pair's timing
+                    before.update(dense_speed)
             name = _ratio_folder(ratio)
             _save(trial, report, root / name, args, ratio, dense_here, after, t0)
             rows.append({"folder": name, "ratio_requested": ratio, "ratio_achieved": report.ratio_achieved,
@@ -332,7 +285,7 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
         _publish(root, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(_ratio_table(before, rows))
+    print(ratio_table(before, rows))
     print(f"saved {len(rows)} models to {out}/ratio-*/ (load each with lrmath_hf.load_compressed); "
           f"summary in {out / 'summary.json'}")
     return 0
@@ -342,23 +295,10 @@ def _model_label(name: str) -> str:
     return Path(name).name if Path(name).exists() else name
 
 
-def _ratio_table(dense: dict, rows: list[dict]) -> str:
-    cols = [("removed", lambda r: f"{100 * r['ratio_achieved']:.1f}%" if "ratio_achieved" in r else "-"),
-            ("parameters", lambda r: f"{r['parameters']:,}"),
-            ("file MB", lambda r: f"{r['file_bytes'] / 1e6:.2f}" if "file_bytes" in r else "-"),
-            ("perplexity", lambda r: f"{r['perplexity']:.2f}" if "perplexity" in r else "-"),
-            ("prefill tok/s", lambda r: f"{r['prefill_tokens_per_s']:.0f}" if "prefill_tokens_per_s" in r else "-"),
-            ("decode tok/s", lambda r: f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else "-")]
-    lines = [f"{'ratio':<8}" + "".join(f"{c:>15}" for c, _ in cols)]
-    for label, row in [("dense", dense)] + [(f"{r['ratio_requested']:g}", r) for r in rows]:
-        lines.append(f"{label:<8}" + "".join(f"{fmt(row):>15}" for _, fmt in cols))
-    return "\n".join(lines)
-
-
 def cmd_eval(args) -> int:
     model, tokenizer = _load(args.model, _device(args.device))
     windows = _windows(tokenizer, _text(args.text, "evaluation"), args.seq_len, args.eval_windows, "evaluation")
-    result = _measure(model, tokenizer, windows, args)
+    result = measure(model, tokenizer, windows, args)
     print(json.dumps(result, indent=2))
     return 0
 
