@@ -293,6 +293,53 @@ class Bench:
         return result
 
 
+def paired_rounds(baseline, candidate, *, rounds: int, backend: str = "numpy") -> dict:
+    """Time ``baseline()`` and ``candidate()`` round by round in alternating order.
+
+    pytest-benchmark times one side's rounds after the other's, so a change in
+    the machine's load between the two passes for a speedup (two idle runs of
+    the end-to-end suite on the 2-core reference machine gave decode ratios
+    0.3x apart). Here each round times both sides back to back, the order is
+    reversed every other round (B C, C B, ...), and the speedup of a round is
+    its own ``t_baseline / t_candidate``, so a slow drift cancels within the pair.
+
+    Returns
+    -------
+    dict
+        Per-round seconds of both sides, the per-round ratios, their median and
+        quartiles (``speedup``, ``q1``, ``q3``), the ratio of the two medians,
+        and the load average before and after; JSON-ready for ``extra_info``.
+    """
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+
+    def timed(fn) -> float:
+        synchronize(backend)
+        start = time.perf_counter()
+        fn()
+        synchronize(backend)
+        return time.perf_counter() - start
+
+    timed(baseline), timed(candidate)  # warm-up pair, not recorded
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    base_s, cand_s = [], []
+    for i in range(rounds):
+        if i % 2 == 0:
+            base_s.append(timed(baseline))
+            cand_s.append(timed(candidate))
+        else:
+            cand_s.append(timed(candidate))
+            base_s.append(timed(baseline))
+    ratios = [b / max(c, 1e-12) for b, c in zip(base_s, cand_s)]
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75]).tolist()
+    return {"rounds": rounds, "order": "alternating: baseline first in even rounds, candidate first in odd",
+            "baseline_s": base_s, "candidate_s": cand_s, "ratios": ratios,
+            "speedup": median, "q1": q1, "q3": q3,
+            "speedup_of_medians": float(np.median(base_s) / np.median(cand_s)),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
 def rel_max_diff(a, b) -> float:
     """``max|a - b| / max|b|`` on float64 host copies (0 where ``b`` is all zero and ``a == b``)."""
     a, b = host(a), host(b)

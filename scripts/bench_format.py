@@ -109,6 +109,9 @@ def evaluate_goal(goal: dict, bench: dict, baseline: dict | None, floor: dict | 
 
     With a ``floor`` side in the group, a speedup goal also shows the floor's
     speedup: the most that any candidate containing that operation can reach.
+    A ``paired_speedup`` goal reads ``extra_info["paired"]`` (the median and
+    quartiles of per-round ratios from ``_harness.paired_rounds``) instead of
+    the ratio of the two sides' separately timed medians.
     """
     metric, op, target = goal["metric"], goal["op"], float(goal["target"])
     if metric == "speedup":
@@ -116,6 +119,12 @@ def evaluate_goal(goal: dict, bench: dict, baseline: dict | None, floor: dict | 
             return None, "no baseline in this run"
         value, low, high = speedup(baseline, bench)
         shown = f"{fmt_ratio(value)} (IQR range {fmt_ratio(low)}-{fmt_ratio(high)})"
+    elif metric == "paired_speedup":
+        pairs = bench["extra_info"].get("paired")
+        if not pairs:
+            return None, "interleaved pairs not recorded"
+        value, low, high = pairs["speedup"], pairs["q1"], pairs["q3"]
+        shown = f"{fmt_ratio(value)} (IQR {fmt_ratio(low)}-{fmt_ratio(high)}, {pairs['rounds']} pairs)"
     else:
         value = bench["extra_info"].get(metric)
         if value is None:
@@ -124,7 +133,7 @@ def evaluate_goal(goal: dict, bench: dict, baseline: dict | None, floor: dict | 
         shown = fmt_check(metric, value)
     met = value >= target if op == ">=" else value <= target
     status = "met" if met else "**MISSED**"
-    if metric == "speedup" and low <= target <= high:
+    if metric in ("speedup", "paired_speedup") and low <= target <= high:
         status += " (goal inside the quartile range: not resolved by this run)"
     if metric == "speedup" and floor is not None:
         status += f" (the floor side alone: {fmt_ratio(speedup(baseline, floor)[0])})"

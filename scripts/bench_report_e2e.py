@@ -46,6 +46,14 @@ def _speedup_cell(bench: dict | None, baseline: dict | None) -> str:
     return "-" if bench is None or baseline is None else ratio_cell(bench, baseline)
 
 
+def _paired_cell(bench: dict | None) -> str:
+    """Median of the per-round dense/compressed time ratios of the interleaved pairs, and their IQR."""
+    pairs = (bench or {}).get("extra_info", {}).get("paired")
+    if not pairs:
+        return "-"
+    return f"{fmt_ratio(pairs['speedup'])} ({fmt_ratio(pairs['q1'])}-{fmt_ratio(pairs['q3'])})"
+
+
 def e2e_compress_table(name: str, items: list[dict], goals: list) -> list[str]:
     """Calibration + compression time per recipe against the dense forward over the same tokens."""
     baseline = next((b for b in items if b["extra_info"].get("role") == "baseline"), None)
@@ -110,11 +118,23 @@ def e2e_inference_table(backend: str, items: list[dict], goals: list) -> list[st
            f"`generate` of {dec_info.get('items', '?')} new tokens with the KV cache from a "
            f"{dec_info.get('e2e', {}).get('prompt_tokens', '?')}-token prompt (its prefill included). "
            "Tokens/s: median, and in brackets the range from the timing quartiles. Each model is "
-           "compressed once, outside the timers; the dense model is timed in the same run.", "",
-           "| model | linears removed | parameters (all / decoder linears) | model.safetensors "
-           "| peak memory prefill / decode | prefill tokens/s | prefill speedup (IQR range) "
-           "| decode tokens/s | decode speedup (IQR range) | goal: speedup >= | prefill goal | decode goal |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "compressed once, outside the timers; the dense model is timed in the same run.", ""]
+    paired = any(b["extra_info"].get("paired") for b in items)
+    if paired:
+        n_pairs = sorted({b["extra_info"]["paired"]["rounds"] for b in items if b["extra_info"].get("paired")})
+        out += ["*Sequential*: tokens/s and speedup from pytest-benchmark's rounds, each model's "
+                "rounds one after the other (a change in the machine's load between them passes for "
+                "speed). *Pairs*: after those rounds, the dense and the compressed model timed back to "
+                f"back in {'/'.join(map(str, n_pairs))} rounds, the order reversed every other round; "
+                "the median of the per-round ratios dense time / compressed time, and in brackets "
+                "their quartiles. The goals are judged on the pairs.", ""]
+    out += ["| model | linears removed | parameters (all / decoder linears) | model.safetensors "
+            "| peak memory prefill / decode | prefill tokens/s | prefill speedup (IQR range) "
+            + ("| prefill speedup, pairs (IQR) " if paired else "")
+            + "| decode tokens/s | decode speedup (IQR range) "
+            + ("| decode speedup, pairs (IQR) " if paired else "")
+            + "| goal: speedup >= | prefill goal | decode goal |",
+            "|---" * (14 if paired else 12) + "|"]
     for ratio in [None] + ratios:
         p, d = by_kind["prefill"].get(ratio), by_kind["decode"].get(ratio)
         some = p or d
@@ -136,8 +156,10 @@ def e2e_inference_table(backend: str, items: list[dict], goals: list) -> list[st
                     for kind, b in (("prefill", p), ("decode", d))]
         out.append(f"| {md_escape(model)} | {removed} | {params} | {fmt_bytes(e.get('file_bytes'))} | {memory} "
                    f"| {_tokens_per_s(p) if p else '-'} | {_speedup_cell(p, base.get('prefill'))} "
-                   f"| {_tokens_per_s(d) if d else '-'} | {_speedup_cell(d, base.get('decode'))} "
-                   f"| {md_escape(goal)} | {statuses[0]} | {statuses[1]} |")
+                   + (f"| {_paired_cell(p)} " if paired else "")
+                   + f"| {_tokens_per_s(d) if d else '-'} | {_speedup_cell(d, base.get('decode'))} "
+                   + (f"| {_paired_cell(d)} " if paired else "")
+                   + f"| {md_escape(goal)} | {statuses[0]} | {statuses[1]} |")
     methods = sorted({b["extra_info"].get("memory_method") for b in items if b["extra_info"].get("memory_method")})
     writer = i0.get("file_writer")
     out += ["", "Parameters: all distinct model parameters (tied embeddings once) / the decoder linears "
