@@ -73,6 +73,7 @@ from ._harness import (FULL, cuda_available, device_name, paired_rounds, size, s
 torch = pytest.importorskip("torch")
 lrmath_hf = pytest.importorskip("lrmath_hf")
 
+from lrmath_hf.evaluate import _pad_id as evaluate_pad_id  # noqa: E402
 from lrmath_hf.io import WEIGHTS, save_compressed  # noqa: E402
 from lrmath_hf.modules import count_parameters  # noqa: E402
 from lrmath_hf.recipes.common import linear_parameters, run_calibration, union_plan  # noqa: E402
@@ -311,10 +312,7 @@ def _common_info(backend: str, role: str, label: str, shape, dtype: str = "float
 
 
 def _pad_id(model):
-    pad = getattr(model.generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.generation_config, "eos_token_id", None)
-        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    pad = evaluate_pad_id(model)  # the same choice as lrmath_hf.evaluate's timing
     return 0 if pad is None else pad
 
 

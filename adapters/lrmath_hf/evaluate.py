@@ -118,6 +118,18 @@ def _prompt_ids(tokenizer_or_ids, prefill_tokens: int) -> torch.Tensor:
     return token_windows(tokenizer_or_ids, text, prefill_tokens, 1)
 
 
+def _pad_id(model):
+    """The pad id to pass to ``generate``: the config's, else its (first) EOS id, else None.
+
+    A fixed pad id silences ``generate()``'s warning when the config has none.
+    """
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.generation_config, "eos_token_id", None)
+        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    return pad
+
+
 class _Speed:
     """Times one causal LM's prefill and greedy decode from a fixed prompt, one round at a time."""
 
@@ -125,12 +137,7 @@ class _Speed:
         self.model, self.device, self.decode_tokens = model, _device(model), decode_tokens
         self.ids = ids.to(self.device)
         self.mask = torch.ones_like(self.ids)
-        # A fixed pad id silences generate()'s warning when the config has none.
-        pad = getattr(model.generation_config, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(model.generation_config, "eos_token_id", None)
-            pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-        self.pad = pad
+        self.pad = _pad_id(model)
         self.prefill_s: list[float] = []
         self.decode_s: list[float] = []
 
