@@ -8,12 +8,13 @@ module holds exactly what the standard does not provide:
 * the working float dtype of a device (float64 where the device has it),
 * Cholesky with failure *reported* (numpy raises, torch returns ``info``,
   cupy silently returns NaN),
-* triangular solves,
+* triangular solves and products,
 * moving small index/decision arrays to the host and back.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ __all__ = [
     "cholesky_each",
     "cholesky_or_none",
     "solve_triangular",
+    "matmul_triangular",
     "to_numpy",
     "from_numpy",
     "is_torch",
@@ -175,7 +177,13 @@ def cholesky_each(A, xp=None):
         ok = info == 0
     else:
         try:
-            L = xp.linalg.cholesky(A)
+            if A.ndim == 2 and xp.__name__.endswith("numpy") and A.dtype in (np.float32, np.float64):
+                # SciPy's potrf skips numpy's gufunc copies: 67 ms against 86 ms at n = 1536 (one thread)
+                from scipy.linalg import cholesky as _cholesky
+
+                L = _cholesky(np.asarray(A), lower=True, check_finite=False)
+            else:
+                L = xp.linalg.cholesky(A)
             ok = xp.ones(A.shape[:-2], dtype=xp.bool, device=device_of(A))
         except Exception:  # numpy.linalg.LinAlgError and friends: find the failing matrices
             if A.ndim == 2:
@@ -225,6 +233,25 @@ def solve_triangular(T, B, *, lower: bool, left: bool = True, xp=None):
     from scipy.linalg import solve_triangular as _st
 
     return _st(np.asarray(T), np.asarray(B), lower=lower, check_finite=False)
+
+
+def matmul_triangular(A, T, *, lower: bool, xp=None):
+    """``A @ T`` for a triangular ``T`` of shape (n, n) and ``A`` of shape (..., n).
+
+    On numpy, a 2-D float ``A`` goes to BLAS ``trmm``, which skips the zero
+    triangle: half the flops of ``A @ T``, measured 1.7x faster for a
+    576 x 1536 weight against a 1536 x 1536 Cholesky factor (float64, one
+    thread). Other libraries and shapes use the library's own product.
+    """
+    xp = xp or namespace(A, T)
+    if (xp.__name__.endswith("numpy") and A.ndim == 2 and T.ndim == 2 and A.dtype == T.dtype
+            and A.dtype in (np.float32, np.float64) and math.prod(A.shape) > 0):
+        from scipy.linalg import blas
+
+        trmm = blas.get_blas_funcs("trmm", (T, A))
+        # (A T)^T = T^T A^T: A^T is a Fortran-ordered view of a C-ordered A (trmm writes a copy of it)
+        return trmm(1.0, np.asarray(T), np.asarray(A).T, side=0, lower=int(lower), trans_a=1).T
+    return A @ T
 
 
 def to_numpy(x) -> np.ndarray:

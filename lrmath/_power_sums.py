@@ -13,7 +13,7 @@ import numpy as np
 from ._backend import add_outer, as_work, device_of, gram, is_torch, sum_rows, work_dtype
 
 
-def _centred_sums(x, xp, gram_dtype=None, per_feature=True):
+def _centred_sums(x, xp, gram_dtype=None, per_feature=True, fourth=True):
     """Mean and centred sums of one batch ``x`` (..., n, dim), two passes in the work dtype.
 
     With ``gram_dtype`` (e.g. float32) only the O(n d^2) product of the already
@@ -22,24 +22,27 @@ def _centred_sums(x, xp, gram_dtype=None, per_feature=True):
     float64 copy of the batch. A long batch on the host is centred
     ``_HOST_CHUNK`` rows at a time, each chunk's Gram, norms and third sum
     taken while it is in cache (no n x d centred copy). Without ``per_feature``
-    the entrywise sums come back as NaN (not computed).
+    the entrywise sums come back as NaN (not computed); without ``fourth``, so
+    do the third and fourth sums (only the mean and ``M2`` are computed).
     """
     work = work_dtype(xp, device_of(x))
     if gram_dtype is not None and x.dtype == gram_dtype and x.dtype != work:
-        return _low_precision_sums(x, xp, work, per_feature)  # before any float64 copy of x is made
+        return _low_precision_sums(x, xp, work, per_feature, fourth)  # before any float64 copy of x is made
     w = as_work(x, xp)
     mean = xp.mean(w, axis=-2)
     n = w.shape[-2]
     if not _on_host(w, xp):
         if w is not x:  # our own copy: centre in place (one n x d allocation fewer)
             w -= mean[..., None, :]
-            return (mean, *_sums_of_centred(w, xp, gram_dtype, per_feature))
-        return (mean, *_sums_of_centred(w - mean[..., None, :], xp, gram_dtype, per_feature))
+            return (mean, *_sums_of_centred(w, xp, gram_dtype, per_feature, fourth=fourth))
+        return (mean, *_sums_of_centred(w - mean[..., None, :], xp, gram_dtype, per_feature, fourth=fourth))
     if w is not x:  # our own copy: centred in place
-        return (mean, *_sums_of_centred(w, xp, gram_dtype, per_feature, _centre_into(w, mean, w, xp, per_feature)))
+        return (mean, *_sums_of_centred(w, xp, gram_dtype, per_feature,
+                                        _centre_into(w, mean, w, xp, per_feature, fourth)))
     if n <= 2 * _HOST_CHUNK:
         y = xp.empty_like(w)
-        return (mean, *_sums_of_centred(y, xp, gram_dtype, per_feature, _centre_into(w, mean, y, xp, per_feature)))
+        return (mean, *_sums_of_centred(y, xp, gram_dtype, per_feature,
+                                        _centre_into(w, mean, y, xp, per_feature, fourth)))
     y = None
 
     def chunk(rows):
@@ -47,7 +50,7 @@ def _centred_sums(x, xp, gram_dtype=None, per_feature=True):
         part_x = w[..., rows, :]
         if y is None or y.shape != part_x.shape:
             y = xp.empty_like(part_x)  # one buffer for every chunk (a new one for a shorter last chunk)
-        return _sums_of_centred(y, xp, gram_dtype, per_feature, _centre_into(part_x, mean, y, xp, per_feature))
+        return _sums_of_centred(y, xp, gram_dtype, per_feature, _centre_into(part_x, mean, y, xp, per_feature, fourth))
 
     return (mean, *_sum_blocks(n, _HOST_CHUNK, chunk))
 
@@ -61,11 +64,15 @@ def _sum_blocks(n, size, part):
     return total
 
 
-def _centre_into(x, mean, out, xp, per_feature):
+def _centre_into(x, mean, out, xp, per_feature, fourth=True):
     """``out = x - mean`` on the host, ``_VECTOR_BLOCK`` rows at a time, with the vector sums of each
     block taken while it is in cache (one pass over the rows fewer than centring, then summing);
     ``out`` may be ``x``. Returns :func:`_vector_sums` of ``out``, summed in the same blocks (the
-    same numbers as calling it afterwards)."""
+    same numbers as calling it afterwards; NaN without ``fourth``)."""
+    if not fourth:
+        _subtract(x, mean[..., None, :], out, xp)
+        return _nan_sums(out, xp)
+
     def block(rows):
         _subtract(x[..., rows, :], mean[..., None, :], out[..., rows, :], xp)
         return _vector_sums_block(out[..., rows, :], xp, per_feature)
@@ -83,7 +90,7 @@ def _subtract(a, b, out, xp) -> None:
         np.subtract(a, b, out=out)
 
 
-def _sums_of_centred(y, xp, gram_dtype, per_feature=True, vector=None):
+def _sums_of_centred(y, xp, gram_dtype, per_feature=True, vector=None, fourth=True):
     """``(sum y y^T, sum |y|^2 y, sum |y|^4, sum y**3, sum y**4)`` of rows ``y`` in the work dtype.
 
     The Gram runs in ``gram_dtype`` when given; ``vector``: the last four, already computed.
@@ -92,16 +99,19 @@ def _sums_of_centred(y, xp, gram_dtype, per_feature=True, vector=None):
         m2 = gram(y, xp)
     else:
         m2 = xp.astype(gram(xp.astype(y, gram_dtype), xp), y.dtype)
-    return (m2, *(vector if vector is not None else _vector_sums(y, xp, per_feature)))
+    return (m2, *(vector if vector is not None else _vector_sums(y, xp, per_feature, fourth)))
 
 
-def _vector_sums(y, xp, per_feature=True):
+def _vector_sums(y, xp, per_feature=True, fourth=True):
     """``(sum |y|^2 y, sum |y|^4, sum y**3, sum y**4)`` of rows ``y``: O(n d) work.
 
     On the host the rows are taken ``_VECTOR_BLOCK`` at a time, so the entrywise
     powers stay in the core's cache (2x faster at 4096 x 576 than whole-batch
-    temporaries, measured); without ``per_feature`` the last two are NaN.
+    temporaries, measured); without ``per_feature`` the last two are NaN, and
+    without ``fourth`` all four are (nothing is computed).
     """
+    if not fourth:
+        return _nan_sums(y, xp)
     if not _on_host(y, xp):
         return _vector_sums_block(y, xp, per_feature)
     return _sum_blocks(y.shape[-2], _VECTOR_BLOCK, lambda rows: _vector_sums_block(y[..., rows, :], xp, per_feature))
@@ -115,6 +125,12 @@ def _vector_sums_block(y, xp, per_feature):
         return m3, m4, nan, nan
     y2 = y * y
     return m3, m4, _column_dot(y2, y, xp), _column_dot(y2, y2, xp)
+
+
+def _nan_sums(y, xp):
+    """NaN in the shapes of :func:`_vector_sums` of ``y``: the sums a state does not keep."""
+    vec, batch = y.shape[:-2] + y.shape[-1:], y.shape[:-2]
+    return tuple(xp.full(shape, float("nan"), dtype=y.dtype, device=device_of(y)) for shape in (vec, batch, vec, vec))
 
 
 def _column_dot(a, b, xp):
@@ -137,7 +153,7 @@ _VECTOR_BLOCK = 256  # rows per block of the entrywise powers: 256 x 576 float64
 _HOST_CHUNK = 4096
 
 
-def _low_precision_sums(x, xp, work, per_feature=True):
+def _low_precision_sums(x, xp, work, per_feature=True, fourth=True):
     r""":func:`_centred_sums` of a batch already in the low Gram precision (e.g. float32 activations).
 
     The exact float64 mean ``m`` is rounded to ``c`` in ``x``'s dtype, the rows
@@ -160,6 +176,8 @@ def _low_precision_sums(x, xp, work, per_feature=True):
     z = x - c[..., None, :]
     delta = mean - xp.astype(c, work)
     m2 = add_outer(xp.astype(gram(z, xp), work), delta, -n, xp)  # fresh: updated in place
+    if not fourth:
+        return (mean, m2, *_nan_sums(mean[..., None, :], xp))
     z3, z4, zd3, zd4 = (xp.astype(a, work) for a in _vector_sums(z, xp, per_feature))
     m2d = (m2 @ delta[..., :, None])[..., 0]  # the one matrix-vector product both shifts need
     zero3, zero4 = xp.zeros_like(z3), xp.zeros_like(z4)
@@ -211,14 +229,15 @@ def _shift_diag(count, m2, d3, d4, d, xp):
     return d3 + 3.0 * d * v + count * (d2 * d), d4 + 4.0 * d * d3 + 6.0 * d2 * v + count * (d2 * d2)
 
 
-def _merge(a, b, xp, per_feature=True):
+def _merge(a, b, xp, per_feature=True, fourth=True):
     """Chan et al.'s pairwise merge of two ``(count, mean, m2, m3, m4, d3, d4)`` states.
 
     ``M2 = M2_a + M2_b + (n_a n_b / n) g g^T`` with ``g`` the gap between the
     means (the sum of both parts' shifts ``n d d^T``, formed once). Without
     ``per_feature`` the entrywise sums are not kept: ``a``'s are returned as
     they are (a dozen small operations fewer per update, which is most of the
-    cost of an update on a GPU, where each is a kernel launch).
+    cost of an update on a GPU, where each is a kernel launch). Without
+    ``fourth`` neither are the third and fourth sums: NaN is returned for all four.
     """
     na, nb = a[0], b[0]
     n = na + nb
@@ -228,6 +247,8 @@ def _merge(a, b, xp, per_feature=True):
     db = (na / n) * gap
     mean = a[1] + (nb / n) * gap
     m2 = add_outer(a[2] + b[2], gap, na * nb / n, xp)  # one d x d allocation
+    if not fourth:
+        return (n, mean, m2, *_nan_sums(mean[..., None, :], xp))
     a3, a4 = _shift(na, *a[2:5], da, xp)
     b3, b4 = _shift(nb, *b[2:5], db, xp)
     if not per_feature:

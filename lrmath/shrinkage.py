@@ -65,9 +65,10 @@ def ledoit_wolf(data, *, assume_centered: bool = False, target: str = "identity"
     ------
     ValueError
         On empty data, a ``Moments`` with count 0, wrong ndim or NaN/Inf, an
-        unknown ``target``, or ``target="diagonal"`` on a ``Moments`` without
-        the per-feature sums (``per_feature=False``, or loaded from a state
-        without them, such as format version 1).
+        unknown ``target``, a ``Moments`` with ``order=2`` (no fourth sums),
+        or ``target="diagonal"`` on a ``Moments`` without the per-feature sums
+        (``per_feature=False``, or loaded from a state without them, such as
+        format version 1).
 
     Notes
     -----
@@ -113,6 +114,10 @@ def ledoit_wolf(data, *, assume_centered: bool = False, target: str = "identity"
     True
     """
     _check_target(target)
+    if isinstance(data, Moments) and data.order < 4:
+        raise ValueError("Ledoit-Wolf needs the fourth power sums, which this Moments does not keep (built "
+                         "with order=2, or merged with one that was): accumulate the statistics again with "
+                         "order=4, or use lrmath.oas, which needs only the second moment")
     if target == "diagonal" and isinstance(data, Moments) and not data.per_feature:
         raise ValueError('target="diagonal" needs the per-feature sums, which this Moments does not keep '
                          "(built with per_feature=False, or loaded from a state without d3 / d4, such as "

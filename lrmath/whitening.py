@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ._backend import as_work, cholesky_each, device_of, namespace, solve_triangular
+from ._backend import as_work, cholesky_each, device_of, matmul_triangular, namespace, solve_triangular
 from ._validation import check_array, check_finite, check_nonnegative_scalar, check_symmetric, dtype_eps
 
 __all__ = ["Whitener", "whiten", "DampedCholesky", "damped_cholesky", "METHODS", "CHOLESKY_SCHEDULE"]
@@ -95,6 +95,8 @@ class Whitener:
     def apply(self, W):
         """``W S`` for ``W`` of shape (..., n): move a weight into the whitened space."""
         W = self._check("W", W)
+        if self.method == "cholesky":
+            return matmul_triangular(W, self.factor, lower=True)
         return W @ self.factor
 
     def solve(self, Y):

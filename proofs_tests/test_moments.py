@@ -365,6 +365,51 @@ def test_without_per_feature_sums_everything_else_is_identical(case):
         lrmath.ledoit_wolf(lean, target="diagonal")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gram_dtype", [None, "float32"])
+@given(case=split_samples(max_n=60, max_p=8))
+def test_order_2_keeps_the_second_moments_bit_identical_and_nothing_else(backend, gram_dtype, case):
+    """order=2 skips only M3 / M4 (and D3 / D4): the count, mean and M2 are bit-identical to order=4's on
+    every chunking and Gram precision (float32 rows take the low-precision path), the state omits the rest,
+    a merge with such a stream drops them, Ledoit-Wolf refuses, and OAS (second moments only) agrees."""
+    X, _, parts, order = case
+    if gram_dtype == "float32":
+        parts = [part.astype(np.float32) for part in parts]
+    full, lean = lrmath.Moments(X.shape[1]), lrmath.Moments(X.shape[1], order=2)
+    dt = None
+    for i in order:
+        part = to_backend(parts[i], backend)
+        if gram_dtype is not None:
+            dt = part.dtype
+        full.update(part, gram_dtype=dt)
+        lean.update(part, gram_dtype=dt)
+    a, b = full.to_dict(), lean.to_dict()
+    assert set(a) - set(b) == {"m3", "m4"}
+    for key in b:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert np.isnan(to_numpy(lean.sums().third)).all() and np.isnan(to_numpy(lean.sums().fourth)).all()
+    back = lrmath.Moments.from_dict(b)
+    assert back.order == 2 and back.to_dict().keys() == b.keys()
+    mixed = full.copy().merge(lean)
+    assert mixed.order == 2 and "m4" not in mixed.to_dict()
+    assert lrmath.Moments(X.shape[1], order=2).merge(full).order == 4  # an empty accumulator takes them over
+    with pytest.raises(ValueError, match="order=2"):
+        lrmath.ledoit_wolf(lean)
+    if X.shape[0] > 1:
+        np.testing.assert_array_equal(to_numpy(lrmath.oas(lean).covariance), to_numpy(lrmath.oas(full).covariance))
+
+
+def test_order_is_checked_and_overflow_is_still_caught_without_the_fourth_sums():
+    with pytest.raises(ValueError, match="order must be 2 or 4"):
+        lrmath.Moments(3, order=3)
+    with pytest.raises(ValueError, match="per_feature=True needs order=4"):
+        lrmath.Moments(3, order=2, per_feature=True)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lrmath.Moments(2, order=2).update(np.array([[1.0, np.nan], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"\|x - mean\|\^2 is not finite"):
+        lrmath.Moments(2, order=2).update(np.array([[1e200, 0.0], [-1e200, 1.0]]))  # squares overflow
+
+
 def test_inputs_are_not_mutated_and_any_real_dtype_is_accepted():
     X = np.arange(12, dtype=np.float16).reshape(4, 3)
     before = X.copy()

@@ -114,6 +114,26 @@ def test_solve_inverts_apply_on_range(backend, C, method, damping, seed, m):
     assert np.abs(again - to_np(w.apply(Wb))).max() <= tol * norm_W * (s[0] if w.rank else 0.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(seed=seeds(), m=st.integers(0, 7), n=st.integers(1, 9), lower=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), layout=st.sampled_from(["C", "F", "strided"]))
+def test_triangular_product_is_the_plain_product(backend, seed, m, n, lower, dtype, layout):
+    """``matmul_triangular(A, T)`` (BLAS ``trmm`` for numpy, behind ``Whitener.apply`` with a Cholesky
+    factor) is ``A @ T`` for any layout of ``A``, to the rounding of an n-term dot product; inputs untouched."""
+    from lrmath._backend import matmul_triangular
+
+    rng = np.random.default_rng(seed)
+    T = (np.tril if lower else np.triu)(rng.standard_normal((n, n))).astype(dtype)
+    A = rng.standard_normal((m, 2 * n)).astype(dtype)
+    A = {"C": A[:, :n].copy(), "F": np.asfortranarray(A[:, :n]), "strided": A[:, ::2]}[layout]
+    A_b, T_b = to_backend(A, backend), to_backend(T, backend)
+    got = matmul_triangular(A_b, T_b, lower=lower)
+    assert same_library(got, A_b) and tuple(got.shape) == (m, n)
+    bound = tolerance(dtype, n) * (np.abs(A) @ np.abs(T)) + np.finfo(dtype).tiny
+    assert np.all(np.abs(to_np(got).astype(np.float64) - A.astype(np.float64) @ T.astype(np.float64)) <= bound)
+    np.testing.assert_array_equal(to_np(A_b), A)
+
+
 @given(C=covariances(max_dim=12), method=methods(), damping=dampings(), k=st.integers(-6, 6))
 def test_damping_is_relative(C, method, damping, k):
     """whiten(4^k C) = 2^k whiten(C): same record, delta scaled by 4^k (exact power-of-two scaling)."""

@@ -60,6 +60,11 @@ class CalibrationPlan:
         Input statistics also keep the per-feature sums that
         ``lrmath.ledoit_wolf(..., target="diagonal")`` needs (FLAR's default
         shrinkage); off by default, as they cost some of each update.
+    order : {4, 2}
+        Highest power sum the input and head-output statistics keep
+        (:class:`lrmath.Moments`): 4 (default) also keeps what
+        ``lrmath.ledoit_wolf`` needs; 2 keeps only the mean and second moment,
+        enough for whitening, PCA and OAS, and skips the rest of the work.
     """
 
     inputs: Mapping[str, str] = field(default_factory=dict)
@@ -68,6 +73,7 @@ class CalibrationPlan:
     gram_dtype: torch.dtype = torch.float32
     rows_per_update: int = 4096
     per_feature: bool = False
+    order: int = 4
 
 
 @dataclass
@@ -190,14 +196,14 @@ def _install_hooks(layer: nn.Module, plan: CalibrationPlan) -> tuple[list, dict,
     for name, path in plan.inputs.items():
         module = layer.get_submodule(path)
         inputs[name] = buffer = _Buffered(
-            lambda x: lrmath.Moments(x.shape[-1], device=x.device, per_feature=plan.per_feature),
+            lambda x: lrmath.Moments(x.shape[-1], device=x.device, per_feature=plan.per_feature, order=plan.order),
             plan.gram_dtype, plan.rows_per_update)
         handles.append(module.register_forward_pre_hook(lambda mod, args, buffer=buffer: buffer.add(_rows(args[0]))))
     for name, (path, n_heads, head_dim) in plan.head_outputs.items():
         module = layer.get_submodule(path)
         heads[name] = buffer = _Buffered(
             lambda y, n_heads=n_heads, head_dim=head_dim: lrmath.Moments(head_dim, batch_shape=(n_heads,),
-                                                                         device=y.device),
+                                                                         device=y.device, order=plan.order),
             plan.gram_dtype, plan.rows_per_update)
 
         def out_hook(mod, args, out, buffer=buffer, n_heads=n_heads, head_dim=head_dim):

@@ -210,7 +210,8 @@ def _pack(acc) -> tuple[list[int], np.ndarray]:
     """Header ``[kind, present, count, length]`` and float64 payload of one accumulator."""
     if isinstance(acc, lrmath.Moments):
         state = acc.to_dict()
-        flat = np.concatenate([state[k].ravel() for k in state_shapes(acc.batch_shape, acc.dim, acc.per_feature)])
+        kept = state_shapes(acc.batch_shape, acc.dim, acc.per_feature, acc.order)
+        flat = np.concatenate([state[k].ravel() for k in kept])
         return [_MOMENTS, 1, acc.count, flat.size], flat
     if isinstance(acc, lrmath.AngularImportance):
         state = acc.to_dict()
@@ -227,7 +228,7 @@ def _unpack(template, count: int, flat: np.ndarray):
         state = {"format_version": _MOMENTS_VERSION, "dim": template.dim,
                  "batch_shape": np.asarray(shape, dtype=np.int64), "count": count}
         offset = 0
-        for key, want in state_shapes(shape, template.dim, template.per_feature).items():
+        for key, want in state_shapes(shape, template.dim, template.per_feature, template.order).items():
             size = math.prod(want)
             state[key] = flat[offset:offset + size].reshape(want)
             offset += size

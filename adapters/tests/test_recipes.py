@@ -327,3 +327,45 @@ def test_precomputed_statistics_are_not_recorded_as_an_option():
                                 stats=stats, selection="obs")
     assert report.options == {"selection": "obs"}
     assert "stats" not in json.loads(report.to_json())["options"]
+
+
+@pytest.mark.parametrize("recipe", ("svd", "flat", "auto", "latent"))
+def test_second_moment_recipes_decide_the_same_on_statistics_that_keep_more(recipe, monkeypatch):
+    """These recipes calibrate with ``order=2`` (mean and second moment only, the third and fourth sums
+    skipped); given the union plan's order-4 statistics instead, every weight they produce is identical."""
+    from lrmath_hf.recipes.common import union_plan
+
+    model = tiny_model("llama", dtype=torch.float64)
+    spec = get_spec(model)
+    batches = calibration()
+    first, second = copy.deepcopy(model), copy.deepcopy(model)
+    orders = []
+
+    class Recording(lrmath.Moments):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            orders.append(self.order)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lrmath, "Moments", Recording)
+        own = lrmath_hf.compress(first, batches, recipe=recipe, ratio=0.3, progress=False)
+    assert orders and set(orders) == {2}
+    stats = run_calibration(model, spec, batches, union_plan(spec), progress=False)
+    assert all(m.order == 4 for layer in stats.layers for m in layer.inputs.values())
+    reused = lrmath_hf.compress(second, batches, recipe=recipe, ratio=0.3, progress=False, stats=stats)
+    assert own.ranks == reused.ranks
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_host_view_shares_cpu_memory_and_leaves_other_arrays_alone():
+    from lrmath_hf.recipes.common import host_view
+
+    t = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+    view = host_view(t)
+    assert isinstance(view, np.ndarray) and np.shares_memory(view, t.numpy())
+    assert host_view(view) is view
+    p = torch.nn.Parameter(t.clone())
+    assert host_view(p) is p  # a tensor that needs gradients is not exposed to numpy

@@ -100,7 +100,7 @@ def run_global(model, spec: ArchSpec, batches, *, ratio: float, progress: bool =
     result = RecipeResult()
     plan = CalibrationPlan(inputs={"down": spec.linears["down"]},
                            head_outputs={"v": (spec.linears["v"], spec.num_kv_heads, spec.head_dim)},
-                           importance=False)
+                           importance=False, order=2)
     if stats is None:
         with timer(result.timings, "calibration"):
             stats = run_calibration(model, spec, batches, plan, progress=progress)

@@ -20,6 +20,7 @@ from ..specs import ArchSpec, get_linear, iter_layers, set_linear
 
 __all__ = [
     "group_name",
+    "host_view",
     "input_plan",
     "linear_parameters",
     "weight64",
@@ -102,6 +103,20 @@ def with_ridge_escalation(fn, ridge: float, what: str):
                       "singular below the requested ridge (too few or collinear calibration tokens)",
                       RuntimeWarning, stacklevel=3)
     return out, used
+
+
+def host_view(a):
+    """A CPU tensor as a numpy array on the same memory (no copy); anything else as it is.
+
+    The decisions' linear algebra then runs through numpy / SciPy, whose host
+    paths are the faster ones here: BLAS ``trmm`` for ``W L``, and less per-call
+    overhead in the small operations around each factorisation (the ``svd``
+    recipe's decisions on SmolLM2-135M: 37.6 s against 39.4 s with the same
+    arrays as torch tensors, one thread). GPU tensors stay on their device.
+    """
+    if isinstance(a, torch.Tensor) and a.device.type == "cpu" and not a.requires_grad:
+        return a.numpy()
+    return a
 
 
 def weight64(linear: nn.Module) -> torch.Tensor:

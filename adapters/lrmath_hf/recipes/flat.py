@@ -47,7 +47,7 @@ def flat_plan(spec: ArchSpec, *, qk: bool, refit_o: bool = False) -> Calibration
     inputs = {"down": spec.linears["down"]}
     if refit_o:
         inputs["o"] = spec.linears["o"]
-    return CalibrationPlan(inputs=inputs, head_outputs=heads, importance=True)
+    return CalibrationPlan(inputs=inputs, head_outputs=heads, importance=True, order=2)  # second moments only
 
 
 def _ranks(spec: ArchSpec, w: float, channel_multiple: int = 1) -> tuple[int, int]:

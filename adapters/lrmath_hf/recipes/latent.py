@@ -53,7 +53,7 @@ RANK_KEYS = ("q", "k", "v", "o", "gate", "up", "down")
 
 def latent_plan(spec: ArchSpec):
     """Input statistics the recipe needs: q/k/v input, MLP inputs (o's input is not used)."""
-    return input_plan(spec, [role for role in spec.roles if role != "o"], importance=False)
+    return input_plan(spec, [role for role in spec.roles if role != "o"], importance=False, order=2)
 
 
 def mode_spectra(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

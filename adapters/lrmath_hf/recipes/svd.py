@@ -24,7 +24,7 @@ import lrmath
 from ..attention import fold_value_output
 from ..specs import ArchSpec, get_attention, get_linear
 from . import RecipeResult, register
-from .common import group_name, input_plan, install_factors, run_calibration, timer, weight64
+from .common import group_name, host_view, input_plan, install_factors, run_calibration, timer, weight64
 
 __all__ = ["whitened_factors", "run_svd", "run_svd_llm"]
 
@@ -35,6 +35,8 @@ def whitened_factors(model, spec: ArchSpec, stats, *, roles=None, whitening: str
 
     One whitener per input group (q, k and v share one factorisation); every
     rank is then a slice of these factors, so the decisions need no second SVD.
+    On the CPU the factors are numpy arrays (:func:`host_view`), else tensors on
+    the model's device.
     """
     wanted = set(spec.roles if roles is None else roles)
     factors = {}
@@ -44,9 +46,9 @@ def whitened_factors(model, spec: ArchSpec, stats, *, roles=None, whitening: str
             if not members:
                 continue
             moments = layer_stats.inputs[group_name(group)]
-            whitener = lrmath.whiten(moments.gram, method=whitening, damping=damping)
+            whitener = lrmath.whiten(host_view(moments.gram), method=whitening, damping=damping)
             for role in members:
-                W = weight64(get_linear(model, layer, role, spec))
+                W = host_view(weight64(get_linear(model, layer, role, spec)))
                 factors[(layer, role)] = lrmath.whitened_svd(W, whitener, min(W.shape))
     return factors
 
@@ -118,7 +120,7 @@ def run_svd(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = Tr
     roles = tuple(spec.roles if roles is None else roles)
     svd_roles = tuple(r for r in roles if not (vo == "pca" and r in ("v", "o")))
     result = RecipeResult()
-    plan = input_plan(spec, svd_roles)
+    plan = input_plan(spec, svd_roles, order=2)  # whitening needs only the second moments
     if vo == "pca":
         plan = dataclasses.replace(plan, head_outputs={"v": (spec.linears["v"], spec.num_kv_heads, spec.head_dim)})
     if stats is None:
@@ -182,7 +184,7 @@ def run_svd_llm(model, spec: ArchSpec, batches, *, ratio: float, progress: bool 
     result = RecipeResult()
     if stats is None:
         with timer(result.timings, "calibration"):
-            stats = run_calibration(model, spec, batches, input_plan(spec, roles), progress=progress)
+            stats = run_calibration(model, spec, batches, input_plan(spec, roles, order=2), progress=progress)
     result.calibration_tokens = stats.tokens
     with timer(result.timings, "decisions"):
         factors = whitened_factors(model, spec, stats, roles=roles, whitening="cholesky", damping=damping)
