@@ -359,7 +359,8 @@ class Moments:
 
     def __repr__(self) -> str:
         lib = "unset" if self._state is None else type(self._state[0]).__module__.split(".")[0]
-        return (f"Moments(dim={self.dim}, batch_shape={self.batch_shape}, count={self._count}, "
+        kept = f"order={self.order}" + (", per_feature=True" if self.per_feature else "")
+        return (f"Moments(dim={self.dim}, batch_shape={self.batch_shape}, {kept}, count={self._count}, "
                 f"library={lib})")
 
     # ----------------------------------------------------------------- private

@@ -399,6 +399,13 @@ def test_order_2_keeps_the_second_moments_bit_identical_and_nothing_else(backend
         np.testing.assert_array_equal(to_numpy(lrmath.oas(lean).covariance), to_numpy(lrmath.oas(full).covariance))
 
 
+def test_repr_says_which_sums_are_kept():
+    """Why Ledoit-Wolf refuses a Moments should be visible from the object itself."""
+    assert "order=2" in repr(lrmath.Moments(3, order=2))
+    assert "order=4, per_feature=True, count=2, library=numpy" in repr(
+        lrmath.Moments(3, per_feature=True).update(np.ones((2, 3))))
+
+
 def test_order_is_checked_and_overflow_is_still_caught_without_the_fourth_sums():
     with pytest.raises(ValueError, match="order must be 2 or 4"):
         lrmath.Moments(3, order=3)
