@@ -242,13 +242,13 @@ def _merge(a, b, xp, per_feature=True, fourth=True):
     na, nb = a[0], b[0]
     n = na + nb
     gap = b[1] - a[1]
-    # both parts are shifted to the pooled mean by a small step, never by the mean itself
-    da = (-nb / n) * gap
-    db = (na / n) * gap
     mean = a[1] + (nb / n) * gap
     m2 = add_outer(a[2] + b[2], gap, na * nb / n, xp)  # one d x d allocation
     if not fourth:
         return (n, mean, m2, *_nan_sums(mean[..., None, :], xp))
+    # both parts are shifted to the pooled mean by a small step, never by the mean itself
+    da = (-nb / n) * gap
+    db = (na / n) * gap
     a3, a4 = _shift(na, *a[2:5], da, xp)
     b3, b4 = _shift(nb, *b[2:5], db, xp)
     if not per_feature:

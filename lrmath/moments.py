@@ -17,16 +17,22 @@ __all__ = ["FORMAT_VERSION", "Moments", "PowerSums", "state_shapes"]
 
 FORMAT_VERSION = 2  # 2 added d3 / d4, the per-feature sums
 _ARRAY_KEYS = ("mean", "m2", "m3", "m4", "d3", "d4")
-_STATE_KEYS = ("format_version", "dim", "batch_shape", "count") + _ARRAY_KEYS
+_HEADER_KEYS = ("format_version", "dim", "batch_shape", "count")
+
+
+def _kept_keys(per_feature: bool, order: int) -> tuple[str, ...]:
+    """Array keys a state keeps: ``m3``, ``m4`` only at order 4, ``d3``, ``d4`` only with ``per_feature`` too."""
+    higher = ("m3", "m4") if order == 4 else ()
+    diagonal = ("d3", "d4") if order == 4 and per_feature else ()
+    return ("mean", "m2") + higher + diagonal
 
 
 def state_shapes(batch_shape: tuple[int, ...], dim: int, per_feature: bool = True,
                  order: int = 4) -> dict[str, tuple[int, ...]]:
     """Shape of each array of a :meth:`Moments.to_dict` state, in the order the state keeps them."""
     vec, mat = batch_shape + (dim,), batch_shape + (dim, dim)
-    out = dict(zip(_ARRAY_KEYS, (vec, mat, vec, batch_shape, vec, vec)))
-    dropped = ("m3", "m4", "d3", "d4") if order == 2 else () if per_feature else ("d3", "d4")
-    return {k: v for k, v in out.items() if k not in dropped}
+    shapes = dict(zip(_ARRAY_KEYS, (vec, mat, vec, batch_shape, vec, vec)))
+    return {k: shapes[k] for k in _kept_keys(per_feature, order)}
 
 
 class PowerSums(NamedTuple):
@@ -301,7 +307,7 @@ class Moments:
             zeros = tuple(np.asarray(to_numpy(a), dtype=np.float64) for a in self._state)
         out = {"format_version": FORMAT_VERSION, "dim": self.dim,
                "batch_shape": np.asarray(self.batch_shape, dtype=np.int64), "count": self._count}
-        kept = state_shapes(self.batch_shape, self.dim, self.per_feature, self.order)
+        kept = _kept_keys(self.per_feature, self.order)
         out.update((k, a.copy()) for k, a in zip(_ARRAY_KEYS, zeros) if k in kept)
         return out
 
@@ -326,8 +332,7 @@ class Moments:
         # and the third and fourth sums unless saved with order=2
         per_feature = version == FORMAT_VERSION and ("d3" in state or "d4" in state)
         order = 2 if version == FORMAT_VERSION and not per_feature and "m3" not in state and "m4" not in state else 4
-        keys = tuple(k for k in _STATE_KEYS
-                     if k not in _ARRAY_KEYS or k in state_shapes((), 1, per_feature, order))
+        keys = _HEADER_KEYS + _kept_keys(per_feature, order)
         missing = [k for k in keys if k not in state]
         if missing:
             raise ValueError(f"state is missing the keys {missing}")
