@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from ._backend import as_work, device_of, from_numpy, library_name, namespace, to_numpy, work_dtype
+from ._moments_state import host_int
 from ._validation import check_array, check_finite
 
 __all__ = ["AngularImportance", "angular_importance", "MODES"]
@@ -229,16 +230,14 @@ class AngularImportance:
             is not a non-negative integer, a sum is not a finite scalar, or
             ``defined`` is not in ``[0, tokens]``.
         """
-        from .moments import _host_int
-
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"state is missing the keys {missing}")
-        version = _host_int("state['format_version']", state["format_version"])
+        version = host_int("state['format_version']", state["format_version"])
         if version != FORMAT_VERSION:
             raise ValueError(f"state['format_version'] = {version}: this lrmath reads version {FORMAT_VERSION}")
         out = cls(str(np.asarray(state["mode"])))
-        tokens = _host_int("state['tokens']", state["tokens"])
+        tokens = host_int("state['tokens']", state["tokens"])
         if tokens < 0:
             raise ValueError(f"state['tokens'] must be >= 0, got {tokens}")
         sums = []

@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any, NamedTuple
 
 import numpy as np
 from array_api_compat import to_device
 
-from ._backend import add_outer, as_work, device_of, from_numpy, namespace, to_numpy, work_dtype
+from ._backend import add_outer, as_work, device_of, from_numpy, namespace, work_dtype
+from ._moments_state import FORMAT_VERSION, read_state, state_shapes, write_state, zero_state
 from ._power_sums import _centred_sums, _merge, _shift, _shift_diag
 from ._validation import check_array, check_finite, check_int
 
 __all__ = ["FORMAT_VERSION", "Moments", "PowerSums", "state_shapes"]
-
-FORMAT_VERSION = 2  # 2 added d3 / d4, the per-feature sums
-_ARRAY_KEYS = ("mean", "m2", "m3", "m4", "d3", "d4")
-_HEADER_KEYS = ("format_version", "dim", "batch_shape", "count")
-
-
-def _kept_keys(per_feature: bool, order: int) -> tuple[str, ...]:
-    """Array keys a state keeps: ``m3``, ``m4`` only at order 4, ``d3``, ``d4`` only with ``per_feature`` too."""
-    higher = ("m3", "m4") if order == 4 else ()
-    diagonal = ("d3", "d4") if order == 4 and per_feature else ()
-    return ("mean", "m2") + higher + diagonal
-
-
-def state_shapes(batch_shape: tuple[int, ...], dim: int, per_feature: bool = True,
-                 order: int = 4) -> dict[str, tuple[int, ...]]:
-    """Shape of each array of a :meth:`Moments.to_dict` state, in the order the state keeps them."""
-    vec, mat = batch_shape + (dim,), batch_shape + (dim, dim)
-    shapes = dict(zip(_ARRAY_KEYS, (vec, mat, vec, batch_shape, vec, vec)))
-    return {k: shapes[k] for k in _kept_keys(per_feature, order)}
-
 
 class PowerSums(NamedTuple):
     r"""Power sums of ``z_k = x_k - c`` about a point ``c`` (see :meth:`Moments.sums`).
@@ -301,15 +281,7 @@ class Moments:
         ``mean``, ``m2``, ``m3`` and ``m4`` (unless ``order=2``), and ``d3``, ``d4`` when kept (``per_feature``),
         the sums about the mean, float64 (shapes: :func:`state_shapes`).
         """
-        if self._state is None:
-            zeros = _zero_state(np, self.batch_shape, self.dim, np.float64, "cpu")
-        else:
-            zeros = tuple(np.asarray(to_numpy(a), dtype=np.float64) for a in self._state)
-        out = {"format_version": FORMAT_VERSION, "dim": self.dim,
-               "batch_shape": np.asarray(self.batch_shape, dtype=np.int64), "count": self._count}
-        kept = _kept_keys(self.per_feature, self.order)
-        out.update((k, a.copy()) for k, a in zip(_ARRAY_KEYS, zeros) if k in kept)
-        return out
+        return write_state(self._count, self._state, self.batch_shape, self.dim, self.per_feature, self.order)
 
     @classmethod
     def from_dict(cls, state, *, like=None) -> "Moments":
@@ -323,34 +295,8 @@ class Moments:
             Put the statistics on this array's library and device (default numpy),
             e.g. to merge them into an accumulator fed by torch CUDA tensors.
         """
-        if "format_version" not in state:
-            raise ValueError("state is missing the keys ['format_version']")
-        version = _host_int("state['format_version']", state["format_version"])
-        if version not in (1, FORMAT_VERSION):
-            raise ValueError(f"state['format_version'] = {version}: this lrmath reads versions 1 and {FORMAT_VERSION}")
-        # version 1 had no per-feature sums; a version-2 state has them unless saved without (per_feature),
-        # and the third and fourth sums unless saved with order=2
-        per_feature = version == FORMAT_VERSION and ("d3" in state or "d4" in state)
-        order = 2 if version == FORMAT_VERSION and not per_feature and "m3" not in state and "m4" not in state else 4
-        keys = _HEADER_KEYS + _kept_keys(per_feature, order)
-        missing = [k for k in keys if k not in state]
-        if missing:
-            raise ValueError(f"state is missing the keys {missing}")
-        shape = tuple(int(s) for s in np.asarray(state["batch_shape"]).reshape(-1))
-        out = cls(_host_int("state['dim']", state["dim"]), batch_shape=shape, per_feature=per_feature, order=order)
-        count = _host_int("state['count']", state["count"])
-        if count < 0:
-            raise ValueError(f"state['count'] must be >= 0, got {count}")
-        arrays = []
-        for key, want in state_shapes(shape, out.dim).items():
-            if key not in keys:
-                arrays.append(np.full(want, np.nan))  # not kept: NaN, refused by what needs them
-                continue
-            a = np.asarray(to_numpy(state[key]), dtype=np.float64)
-            if a.shape != want:
-                raise ValueError(f"state[{key!r}] must have shape {want}, got {a.shape}")
-            check_finite(f"state[{key!r}]", a)
-            arrays.append(a.copy())
+        settings, count, arrays = read_state(state)
+        out = cls(**settings)
         out._count = count
         if like is None:
             out._state = tuple(arrays)
@@ -375,7 +321,7 @@ class Moments:
         if self.device is None:
             self.device = device_of(like)
         dt = work_dtype(xp, self.device)
-        self._state = _zero_state(xp, self.batch_shape, self.dim, dt, self.device)
+        self._state = zero_state(xp, self.batch_shape, self.dim, dt, self.device)
 
     def _to_home(self, a):
         """Move an array onto the accumulator's device (a no-op where it already is)."""
@@ -392,17 +338,3 @@ class Moments:
     def _require_data(self, what):
         if self._count == 0:
             raise ValueError(f"Moments.{what} needs at least one row; count is 0")
-
-
-def _zero_state(xp, batch_shape, dim, dtype, device):
-    return tuple(xp.zeros(shape, dtype=dtype, device=device) for shape in state_shapes(batch_shape, dim).values())
-
-
-
-
-def _host_int(name, value) -> int:
-    a = np.asarray(value)
-    if a.size != 1 or not (np.issubdtype(a.dtype, np.integer) or
-                           (np.issubdtype(a.dtype, np.floating) and float(a) == math.floor(float(a)))):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(a.reshape(()))
