@@ -159,7 +159,9 @@ def _single_query_attention(query, key, value, attention_mask, scaling):
     grouped = query.reshape(batch, groups, heads // groups, head_dim)
     scores = torch.matmul(grouped, key.transpose(-1, -2)).mul_(scale)  # (batch, G, H/G, L)
     if attention_mask is not None:
-        mask = attention_mask if attention_mask.shape[1] == 1 else attention_mask.reshape(scores.shape)
+        mask = attention_mask
+        if mask.shape[1] != 1:  # per query head: (b, H, 1, L) -> (b, G, H/G, L), as the scores
+            mask = mask.reshape(mask.shape[0], groups, heads // groups, mask.shape[-1])
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(mask.logical_not(), torch.finfo(scores.dtype).min)
         else:

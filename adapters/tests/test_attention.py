@@ -272,11 +272,12 @@ def _decode_masks(keep, heads):
         "bool": keep,
         "additive": torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf")),
         "per-head": keep.expand(-1, heads, -1, -1).clone(),
+        "per-head, one for the batch": keep[1:].expand(-1, heads, -1, -1).clone(),
     }
 
 
 @pytest.mark.skipif("sdpa" not in IMPLEMENTATIONS, reason="this transformers has no SDPA attention")
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per-head"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per-head", "per-head, one for the batch"])
 @pytest.mark.parametrize(("heads", "groups"), [(4, 2), (4, 4), (6, 1)])
 def test_decode_step_on_reduced_values_equals_the_padded_kernel(heads, groups, mask_kind):
     """One query token: the unpadded grouped path computes what SDPA computes on padded values."""
