@@ -9,7 +9,8 @@
 #    `lrmath compress ... --ratio 0.1 0.2 0.3 0.4 0.5`) against dense, random weights;
 # 4. FLAR's latency caps per linear shape;
 # 5. which eigensolver path is fastest for a layer's heads;
-# 6. the 4,096 x 11,008 whitened SVD.
+# 6. the 4,096 x 11,008 whitened SVD;
+# 7. one decode step's attention on reduced value heads, padded fused SDPA vs the grouped path.
 # Each stage has its own time limit, so one slow stage cannot take the others' results with it.
 #
 # Preparing a lent-GPU call from this checkout (the machine has torch, CuPy, transformers, pytest-xdist
@@ -25,7 +26,7 @@ SHAPES=${2:-.gpu/shapes}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/adapters${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-STAGES=${STAGES:-proofs bench shapes caps eigh huge}  # a subset reruns part of it
+STAGES=${STAGES:-proofs bench shapes caps eigh huge attn}  # a subset reruns part of it
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() { echo; echo "=== $1 ($(date -u +%T))"; }
 
@@ -90,5 +91,13 @@ LRMATH_BENCH_FULL=1 LRMATH_BENCH_BUDGET=${BENCH_BUDGET:-2} timeout -s INT -k 15 
     $PY -m pytest benchmarks/test_bench_whitened_svd.py -m gpu -k "4096" -q -rfE -p no:cacheprovider \
     --benchmark-enable --benchmark-json="$OUT/bench_huge.json"
 echo "huge exit $?"
+fi
+if want attn; then
+stage "decode-step attention on reduced value heads"
+for dtype in float32 bfloat16; do
+    timeout -s INT -k 15 "${T_ATTN:-60}" $PY scripts/decode_attention_paths.py --device cuda --dtype $dtype \
+        --json "$OUT/decode_attention_$dtype.json"
+    echo "attn $dtype exit $?"
+done
 fi
 stage done

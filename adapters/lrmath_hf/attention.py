@@ -185,9 +185,11 @@ def _padded_value_attention(module: nn.Module, query, key, value, attention_mask
     A decode step under SDPA on the CPU (one query token, no dropout) runs
     :func:`_single_query_attention` instead: padding copies the whole value
     cache on every step, and the fused kernel gains nothing on one query.
-    Measured on SmolLM2-135M's heads (9 query, 3 KV, ``r = 33``), one thread:
-    46 us against 64 us padded at 96 cached tokens, 269 us against 463 us at
-    2,048 (the dense model's SDPA: 37 us and 350 us).
+    ``scripts/decode_attention_paths.py`` on SmolLM2-135M's heads (9 query,
+    3 KV, ``r = 33``), one CPU thread: 49 us against 54 us padded at 96
+    cached tokens, 264 us against 429 us at 2,048, 1,210 us against 2,798 us
+    at 8,192 (the dense layer's SDPA: 37, 340 and 2,069 us).  CUDA keeps the
+    padded path until that script has been run there.
     """
     rank, head_dim = value.shape[-1], query.shape[-1]
     if (rank < head_dim and query.shape[2] == 1 and implementation == "sdpa" and query.device.type == "cpu"

@@ -350,3 +350,21 @@ def test_left_padded_batch_generate_with_reduced_values_matches_recomputation(ar
         assert _rel(generated.scores[step], logits) < 1e-6  # generate keeps its scores in float32
         sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(generated.sequences, sequence)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_on_reduced_values_on_cuda(dtype):
+    """The grouped single-query path computes SDPA's padded result on a CUDA device too."""
+    from types import SimpleNamespace
+
+    from lrmath_hf.attention import _single_query_attention
+
+    query, key, value, keep = (t.cuda() for t in _decode_inputs(8, 2, 5, length=300, dtype=dtype))
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    padded = torch.nn.functional.pad(value, (0, query.shape[-1] - 5))
+    reference, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query.double(), key.double(), padded.double(), keep)
+    got, _ = _single_query_attention(query, key, value, keep, None)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    assert _rel(got.double(), reference[..., :5]) < 8 * torch.finfo(dtype).eps

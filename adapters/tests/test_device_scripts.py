@@ -46,3 +46,17 @@ def test_random_compressed_rebuilds_the_saved_structure(tmp_path):
         shapes.random_dense(tmp_path / "m", torch.device("cpu"), torch.float32, seed=0))
     ids = token_batch(seed=5)
     assert not torch.equal(rebuilt(ids).logits, saved(ids).logits)
+
+
+def test_decode_attention_paths_runs_and_the_paths_agree(tmp_path):
+    """The script the CUDA stage ``attn`` runs, here on the CPU at small sizes."""
+    import json
+
+    out = tmp_path / "paths.json"
+    assert _script("decode_attention_paths").main(
+        ["--lengths", "8", "40", "--rounds", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [row["cached_tokens"] for row in result["rows"]] == [8, 40]
+    for row in result["rows"]:
+        assert row["relative_difference"] < 1e-5  # float32 rounding of the same attention
+        assert min(row["dense_sdpa_us"], row["padded_us"], row["grouped_us"]) > 0
