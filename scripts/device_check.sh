@@ -19,7 +19,8 @@
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
 #   bash scripts/device_check.sh $OUT 2>&1 | tee $OUT/run.log
 # carrying .whl and .gpu; render the results with scripts/gpu_report.py and scripts/bench_report.py.
-# The whole default run took about 8 minutes on an H200 (stop 14, in three parts).
+# The whole default run took about 8 minutes on an H200 (stop 14, in three parts); stage attn (added in
+# stop 19, not yet run on a GPU) is capped at 2 x T_ATTN = 2 minutes.
 set -u
 OUT=${1:?output folder}
 SHAPES=${2:-.gpu/shapes}
