@@ -368,3 +368,35 @@ def test_decode_step_on_reduced_values_on_cuda(dtype):
     got, _ = _single_query_attention(query, key, value, keep, None)
     assert got.device.type == "cuda" and got.dtype == dtype
     assert _rel(got.double(), reference[..., :5]) < 8 * torch.finfo(dtype).eps
+
+
+@pytest.mark.skipif("sdpa" not in IMPLEMENTATIONS, reason="this transformers has no SDPA attention")
+def test_decode_step_property_over_shapes_and_masks():
+    """For any head layout, cache length, rank and mask, the grouped path equals SDPA on padded values."""
+    from types import SimpleNamespace
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from lrmath_hf.attention import _single_query_attention
+
+    @settings(max_examples=60, derandomize=True, deadline=None, database=None)
+    @given(batch=st.integers(1, 3), groups=st.integers(1, 3), per_group=st.integers(1, 4),
+           length=st.integers(1, 40), head_dim=st.sampled_from([4, 8, 16]), rank_fraction=st.floats(0.0, 0.99),
+           mask_kind=st.sampled_from(["none", "bool", "additive", "per-head"]), seed=st.integers(0, 2**16))
+    def check(batch, groups, per_group, length, head_dim, rank_fraction, mask_kind, seed):
+        heads, rank = groups * per_group, 1 + int(rank_fraction * (head_dim - 1))
+        gen = torch.Generator().manual_seed(seed)
+        query = torch.randn(batch, heads, 1, head_dim, generator=gen, dtype=torch.float64)
+        key = torch.randn(batch, groups, length, head_dim, generator=gen, dtype=torch.float64)
+        value = torch.randn(batch, groups, length, rank, generator=gen, dtype=torch.float64)
+        keep = torch.rand(batch, 1, 1, length, generator=gen) < 0.7
+        keep[..., -1] = True  # the newest token (the query's own) is always visible
+        mask = _decode_masks(keep, heads)[mask_kind]
+        module = SimpleNamespace(num_key_value_groups=per_group, is_causal=True)
+        padded = torch.nn.functional.pad(value, (0, head_dim - rank))
+        reference, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, padded, mask)
+        got, _ = _single_query_attention(query, key, value, mask, None)
+        assert _rel(got, reference[..., :rank]) < RTOL
+
+    check()
