@@ -74,25 +74,25 @@ def main(argv=None) -> int:
           f"r {args.rank}; median of {args.rounds} rounds")
     print(f"{'cached':>7} {'dense SDPA us':>14} {'padded us':>10} {'grouped us':>11} {'padded/grouped':>15} "
           f"{'rel. diff':>10}")
-    for length in args.lengths:
-        def rand(*shape):
-            return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+    for length in args.lengths:
         query = rand(1, args.heads, 1, args.head_dim)
         key = rand(1, args.kv_heads, length, args.head_dim)
         value = rand(1, args.kv_heads, length, args.rank)
         full_value = rand(1, args.kv_heads, length, args.head_dim)
         inner = max(10, min(2000, 400_000 // length))
+
+        def run_padded():
+            padded_value = torch.nn.functional.pad(value, (0, args.head_dim - args.rank))
+            return sdpa(module, query, key, padded_value, None, **kwargs)[0][..., : args.rank]
+
         with torch.inference_mode():
-            padded = sdpa(module, query, key, torch.nn.functional.pad(value, (0, args.head_dim - args.rank)),
-                          None, **kwargs)[0][..., : args.rank]
+            padded = run_padded()
             grouped = _single_query_attention(query, key, value, None, kwargs["scaling"])[0]
             diff = ((padded.float() - grouped.float()).norm() / padded.float().norm()).item()
-
-            def run_padded():
-                padded_value = torch.nn.functional.pad(value, (0, args.head_dim - args.rank))
-                return sdpa(module, query, key, padded_value, None, **kwargs)[0][..., : args.rank]
-
             t_dense = median_us(lambda: sdpa(module, query, key, full_value, None, **kwargs), sync, args.rounds, inner)
             t_padded = median_us(run_padded, sync, args.rounds, inner)
             t_grouped = median_us(lambda: _single_query_attention(query, key, value, None, kwargs["scaling"]),
