@@ -30,8 +30,10 @@ _EXPORTS = {
     "token_windows": "data",
     "protocol_windows": "data",
     "throughput": "evaluate",
+    "tune_decode_layout": "layout",
+    "set_layout": "layout",
 }
-_SUBMODULES = {"zoo", "data", "specs", "modules", "attention", "io", "evaluate", "calibrate", "distributed", "pipeline", "cli", "recipes"}
+_SUBMODULES = {"zoo", "data", "specs", "modules", "attention", "io", "evaluate", "calibrate", "distributed", "layout", "pipeline", "cli", "recipes"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES) + ["__version__"]
 
