@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--eval-windows", type=int, default=80, help="evaluation windows (0: skip perplexity)")
     common.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--tune-layout", action="store_true",
+                        help="before timing, give every timed model (dense too) the decode weight layout "
+                             "measured fastest on this device (lrmath_hf.tune_decode_layout)")
     common.add_argument("--device", default="cpu",
                         help="where the model runs: cpu (default), cuda, cuda:N, or auto (CUDA if present); "
                              "calibration, evaluation and timing all run there")

@@ -2,6 +2,8 @@
 
 Parameters, perplexity and tokens/s; by default the dense and the compressed model
 are timed in the same rounds (:func:`lrmath_hf.evaluate.throughput_interleaved`).
+With ``--tune-layout`` every timed model, dense included, first gets
+:func:`lrmath_hf.tune_decode_layout` (strides only; the saved files do not change).
 """
 
 from __future__ import annotations
@@ -14,8 +16,22 @@ def _speed_options(tokenizer, eval_windows, args) -> tuple:
     return prompt, dict(prefill_tokens=min(512, args.seq_len), decode_tokens=64, repeats=3)
 
 
-def _speed_fields(result) -> dict:
-    return {"prefill_tokens_per_s": result.prefill_tokens_per_s, "decode_tokens_per_s": result.decode_tokens_per_s}
+def _speed_fields(result, args) -> dict:
+    return {"prefill_tokens_per_s": result.prefill_tokens_per_s, "decode_tokens_per_s": result.decode_tokens_per_s,
+            "speed_layout": "tuned" if args.tune_layout else "stock"}
+
+
+def _tune(models, args) -> None:
+    """``--tune-layout``: every timed model gets the measured decode layout (one timing cache per run)."""
+    if not args.tune_layout:
+        return
+    from .layout import tune_decode_layout
+
+    timings = vars(args).setdefault("layout_timings", {})
+    for model in models:
+        report = tune_decode_layout(model, timings=timings, progress=not args.quiet)
+        if not args.quiet:
+            print(f"layout: {report.summary()}")
 
 
 def measure(model, tokenizer, eval_windows, args, *, speed: bool = True) -> dict:
@@ -27,7 +43,8 @@ def measure(model, tokenizer, eval_windows, args, *, speed: bool = True) -> dict
         out["perplexity"] = perplexity(model, eval_windows, progress=not args.quiet)
     if speed and not args.no_speed:
         prompt, options = _speed_options(tokenizer, eval_windows, args)
-        out.update(_speed_fields(throughput(model, prompt, **options)))
+        _tune([model], args)
+        out.update(_speed_fields(throughput(model, prompt, **options), args))
     return out
 
 
@@ -41,11 +58,12 @@ def paired_speed(dense, compressed, tokenizer, eval_windows, args) -> tuple[dict
     from .evaluate import throughput_interleaved
 
     prompt, options = _speed_options(tokenizer, eval_windows, args)
+    _tune([dense, compressed], args)
     if not args.quiet:
         print("timing dense and compressed interleaved ...")
     both = throughput_interleaved({"dense": dense, "compressed": compressed}, prompt, **options)
-    return {**_speed_fields(both["dense"]), "speed_timing": "interleaved"}, \
-        {**_speed_fields(both["compressed"]), "speed_timing": "interleaved"}
+    return {**_speed_fields(both["dense"], args), "speed_timing": "interleaved"}, \
+        {**_speed_fields(both["compressed"], args), "speed_timing": "interleaved"}
 
 
 def table(before: dict, after: dict) -> str:

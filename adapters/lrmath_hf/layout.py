@@ -195,10 +195,12 @@ class LayoutReport:
 
     @property
     def standard_s(self) -> float:
+        """Predicted seconds of every weight's product in the standard layout."""
         return sum(c.timing.standard_s for c in self.choices)
 
     @property
     def chosen_s(self) -> float:
+        """Predicted seconds of every weight's product in its chosen layout."""
         return sum(c.seconds for c in self.choices)
 
     def summary(self) -> str:

@@ -190,3 +190,15 @@ def test_one_ratio_times_dense_and_compressed_as_asked(tiny_folder, tmp_path, ex
     for side in ("before", "after"):
         assert report[side]["prefill_tokens_per_s"] > 0 and report[side]["decode_tokens_per_s"] > 0
         assert report[side].get("speed_timing") == timing
+        assert report[side]["speed_layout"] == "stock"
+
+
+def test_tuned_layout_is_timed_on_both_sides_and_not_saved(tiny_folder, tmp_path):
+    out = tmp_path / "tuned"
+    assert _compress(tiny_folder, out, 0.3, extra=["--tune-layout"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["speed_layout"] == report["after"]["speed_layout"] == "tuned"
+    from lrmath_hf.io import load_compressed
+
+    reloaded = load_compressed(out)
+    assert all(p.is_contiguous() for p in reloaded.parameters())
