@@ -32,6 +32,7 @@ _EXPORTS = {
     "throughput": "evaluate",
     "tune_decode_layout": "layout",
     "set_layout": "layout",
+    "standard_layout": "layout",
 }
 _SUBMODULES = {"zoo", "data", "specs", "modules", "attention", "io", "evaluate", "calibrate", "distributed", "layout", "pipeline", "cli", "recipes"}
 

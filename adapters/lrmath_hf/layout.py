@@ -15,7 +15,9 @@ FLAR-SVD's latency-aware ranks are (:mod:`lrmath_hf.latency`).
 
 The layout changes strides only: values, parameter objects (tied weights stay
 tied), state-dict keys and saved files are unchanged
-(:func:`lrmath_hf.save_compressed` writes contiguous tensors).  Products with
+(:func:`lrmath_hf.save_compressed` writes contiguous tensors; transformers'
+``save_pretrained`` refuses a transposed tied weight, so wrap it in
+:func:`standard_layout`).  Products with
 many rows (prefill, calibration) were within a few percent in either layout on
 the reference CPU.  It is a property of a model in memory, not of a file:
 re-tune after loading.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -37,7 +40,7 @@ from .latency import _sync, device_name
 from .modules import FactorizedLinear, HeadwiseProjection
 
 __all__ = ["LAYOUTS", "LayoutTiming", "LayoutChoice", "LayoutReport", "layout_of", "time_layouts",
-           "tune_decode_layout", "set_layout"]
+           "tune_decode_layout", "set_layout", "standard_layout"]
 
 LAYOUTS = ("standard", "transposed")
 _MIB = 1 << 20
@@ -232,6 +235,30 @@ def set_layout(model: nn.Module, layout: str = "standard") -> int:
             weight.data = _relaid(weight.data, layout)
             changed += 1
     return changed
+
+
+@contextmanager
+def standard_layout(model: nn.Module):
+    """Within the block every linear weight of ``model`` is standard; the tuned layouts come back after.
+
+    For code that assumes contiguous weights, e.g. transformers' ``save_pretrained``, which
+    views a tied weight flat to find its extent and fails on the transposed layout::
+
+        with standard_layout(model):
+            model.save_pretrained(folder)
+    """
+    moved = []
+    with torch.no_grad():
+        for weight, _ in _linear_weights(model):
+            if min(weight.shape) > 1 and layout_of(weight) == "transposed":
+                weight.data = _relaid(weight.data, "standard")
+                moved.append(weight)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for weight in moved:
+                weight.data = _relaid(weight.data, "transposed")
 
 
 @torch.no_grad()

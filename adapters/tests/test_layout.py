@@ -11,7 +11,8 @@ from torch import nn
 import lrmath_hf
 from lrmath_hf import layout as layout_mod
 from lrmath_hf.io import load_compressed, save_compressed
-from lrmath_hf.layout import (LayoutTiming, layout_of, set_layout, time_layouts, tune_decode_layout)
+from lrmath_hf.layout import (LayoutTiming, layout_of, set_layout, standard_layout, time_layouts,
+                              tune_decode_layout)
 from lrmath_hf.modules import FactorizedLinear, HeadwiseProjection, count_parameters
 
 from ._tiny_models import tiny_model, token_batch
@@ -147,6 +148,22 @@ def test_compressed_model_decodes_and_saves_after_tuning(tmp_path):
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert all(layout_of(w) == "standard" for w, _ in layout_mod._linear_weights(reloaded) if min(w.shape) > 1)
+
+
+def test_save_pretrained_inside_standard_layout(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", dtype=torch.float32, tie_word_embeddings=True)
+    ids = token_batch()
+    before = _logits(model, ids)
+    assert set_layout(model, "transposed") > 0
+    with standard_layout(model):
+        assert all(w.is_contiguous() for w, _ in layout_mod._linear_weights(model))
+        model.save_pretrained(tmp_path / "hf")
+    assert layout_of(model.lm_head.weight) == "transposed"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), before, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments():
