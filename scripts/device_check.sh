@@ -6,7 +6,8 @@
 # 1. the proofs' torch-CUDA and cupy variants (pytest -m gpu);
 # 2. the core benchmarks' CUDA sides (pca_truncate, Moments, whitened_svd) in full mode;
 # 3. end-to-end prefill / decode of the saved SmolLM2 structures (SHAPES_DIR/ratio-*, written by
-#    `lrmath compress ... --ratio 0.1 0.2 0.3 0.4 0.5`) against dense, random weights;
+#    `lrmath compress ... --ratio 0.1 0.2 0.3 0.4 0.5`) against dense, random weights
+#    (SHAPES_ARGS=--tune-layout also times every model with lrmath_hf.tune_decode_layout);
 # 4. FLAR's latency caps per linear shape;
 # 5. which eigensolver path is fastest for a layer's heads;
 # 6. the 4,096 x 11,008 whitened SVD;

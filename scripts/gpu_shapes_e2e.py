@@ -175,6 +175,9 @@ def main(argv=None) -> int:
                     help="prefill batch sizes (each row 512 tokens)")
     ap.add_argument("--compress-windows", type=int, default=64, help="0: skip the compression timing")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--tune-layout", action="store_true",
+                    help="also time a copy of every model with lrmath_hf.tune_decode_layout applied "
+                         "(rows NAME+layout; their speedup_same_layout is against dense+layout)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -192,6 +195,16 @@ def main(argv=None) -> int:
             models[folder.name] = model
             facts[folder.name] = {"params": count_parameters(model), "ratio": report.get("ratio_requested"),
                                   "ratio_achieved": report.get("ratio_achieved")}
+        if args.tune_layout:
+            from lrmath_hf.layout import tune_decode_layout
+
+            timings: dict = {}
+            for name in list(models):
+                tuned = copy.deepcopy(models[name])
+                layout = tune_decode_layout(tuned, timings=timings)
+                models[f"{name}+layout"] = tuned
+                facts[f"{name}+layout"] = {**facts[name], "layout": layout.summary()}
+                print(f"{dtype_name:9s} {name:12s} layout: {layout.summary()}", flush=True)
         vocab = models["dense"].config.vocab_size
         for name, m in models.items():
             facts[name]["peak_prefill_bytes"] = peak_bytes(m, device, vocab)
@@ -204,6 +217,8 @@ def main(argv=None) -> int:
             cells = []
             for phase, t in row["phases"].items():
                 t["speedup"] = dense["phases"][phase]["median_s"] / t["median_s"]
+                if name.endswith("+layout"):  # both sides tuned
+                    t["speedup_same_layout"] = rows["dense+layout"]["phases"][phase]["median_s"] / t["median_s"]
                 cells.append(f"{phase} {t['tokens_per_s']:9.1f} tok/s ({t['speedup']:.2f}x)")
             print(f"{dtype_name:9s} {name:12s} params {row['params'] / 1e6:7.2f}M ({row['params_ratio']:.3f}x)  "
                   + "  ".join(cells), flush=True)

@@ -60,3 +60,23 @@ def test_decode_attention_paths_runs_and_the_paths_agree(tmp_path):
     for row in result["rows"]:
         assert row["relative_difference"] < 1e-5  # float32 rounding of the same attention
         assert min(row["dense_sdpa_us"], row["padded_us"], row["grouped_us"]) > 0
+
+
+def test_shapes_script_times_tuned_layouts_beside_the_stock_models(tmp_path):
+    """``--tune-layout``: every model also timed as a tuned copy, and its speedup against the tuned dense one."""
+    import json
+
+    model = tiny_model("llama", dtype=torch.float32)
+    batches = [token_batch(seed=s, batch=2, length=24) for s in range(4)]
+    report = lrmath_hf.compress(model, batches, recipe="auto", ratio=0.3, progress=False)
+    lrmath_hf.save_compressed(model, tmp_path / "ratio-0.30", report=report.to_dict(), recipe="auto")
+    out = tmp_path / "shapes.json"
+    assert _script("gpu_shapes_e2e").main(
+        [str(tmp_path / "ratio-0.30"), "--device", "cpu", "--dtypes", "float32", "--warmup", "0",
+         "--prefill-rounds", "1", "--decode-rounds", "1", "--prefill-batches", "1", "--compress-windows", "0",
+         "--tune-layout", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["runs"]["float32"]
+    assert set(rows) == {"dense", "ratio-0.30", "dense+layout", "ratio-0.30+layout"}
+    assert "weights" in rows["ratio-0.30+layout"]["layout"]
+    for phase in rows["ratio-0.30+layout"]["phases"].values():
+        assert phase["speedup_same_layout"] > 0
