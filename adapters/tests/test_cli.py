@@ -193,9 +193,11 @@ def test_one_ratio_times_dense_and_compressed_as_asked(tiny_folder, tmp_path, ex
         assert report[side]["speed_layout"] == "stock"
 
 
-def test_tuned_layout_is_timed_on_both_sides_and_not_saved(tiny_folder, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--sequential-speed",)])
+def test_tuned_layout_is_timed_on_both_sides_and_not_saved(tiny_folder, tmp_path, extra):
+    """Sequentially the dense model is tuned in place before compression, which reads values only."""
     out = tmp_path / "tuned"
-    assert _compress(tiny_folder, out, 0.3, extra=["--tune-layout"]) == 0
+    assert _compress(tiny_folder, out, 0.3, extra=["--tune-layout", *extra]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["before"]["speed_layout"] == report["after"]["speed_layout"] == "tuned"
     from lrmath_hf.io import load_compressed

@@ -150,6 +150,19 @@ def test_compressed_model_decodes_and_saves_after_tuning(tmp_path):
     assert all(layout_of(w) == "standard" for w, _ in layout_mod._linear_weights(reloaded) if min(w.shape) > 1)
 
 
+@pytest.mark.parametrize("recipe", ["auto", "svd", "latent"])
+def test_compression_reads_values_not_layout(recipe):
+    """A tuned model compresses to the same model as its stock copy (the CLI tunes before compressing)."""
+    batches = [token_batch(seed=s, length=32) for s in range(4)]
+    stock, tuned = tiny_model("llama", dtype=torch.float32), tiny_model("llama", dtype=torch.float32)
+    set_layout(tuned, "transposed")
+    for model in (stock, tuned):
+        lrmath_hf.compress(model, batches, recipe=recipe, ratio=0.3, progress=False)
+    set_layout(tuned, "standard")
+    for (name, a), (_, b) in zip(stock.state_dict().items(), tuned.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_save_pretrained_inside_standard_layout(tmp_path):
     from transformers import AutoModelForCausalLM
 
