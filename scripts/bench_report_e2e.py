@@ -46,12 +46,16 @@ def _speedup_cell(bench: dict | None, baseline: dict | None) -> str:
     return "-" if bench is None or baseline is None else ratio_cell(bench, baseline)
 
 
-def _paired_cell(bench: dict | None) -> str:
-    """Median of the per-round dense/compressed time ratios of the interleaved pairs, and their IQR."""
-    pairs = (bench or {}).get("extra_info", {}).get("paired")
+def _pairs_text(pairs: dict | None) -> str:
+    """Median of the per-round time ratios of interleaved pairs (``paired_rounds``), and their IQR."""
     if not pairs:
         return "-"
     return f"{fmt_ratio(pairs['speedup'])} ({fmt_ratio(pairs['q1'])}-{fmt_ratio(pairs['q3'])})"
+
+
+def _paired_cell(bench: dict | None) -> str:
+    """The dense/compressed pairs of a benchmark."""
+    return _pairs_text((bench or {}).get("extra_info", {}).get("paired"))
 
 
 def e2e_compress_table(name: str, items: list[dict], goals: list) -> list[str]:
@@ -175,10 +179,8 @@ def e2e_inference_table(backend: str, items: list[dict], goals: list) -> list[st
 
 
 def _layout_cell(bench: dict | None) -> str:
-    pairs = ((bench or {}).get("extra_info", {}).get("layout") or {}).get("paired")
-    if not pairs:
-        return "-"
-    return f"{fmt_ratio(pairs['speedup'])} ({fmt_ratio(pairs['q1'])}-{fmt_ratio(pairs['q3'])})"
+    """The same-layout pairs of a benchmark (``extra_info["layout"]``)."""
+    return _pairs_text(((bench or {}).get("extra_info", {}).get("layout") or {}).get("paired"))
 
 
 def e2e_layout_table(items: list[dict]) -> list[str]:
@@ -203,8 +205,8 @@ def e2e_layout_table(items: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     for ratio in sorted(rows, key=lambda r: -1.0 if r is None else r):
         p, d = rows[ratio].get("prefill"), rows[ratio].get("decode")
-        lay = (p or d)["extra_info"]["layout"]
         e = (p or d)["extra_info"]
+        lay = e["layout"]
         model = "dense" if ratio is None else f"{e['e2e'].get('recipe')} {ratio}"
         predicted = (f"{fmt_time(lay['predicted_standard_s'])} -> {fmt_time(lay['predicted_chosen_s'])}")
         verdict = "-"

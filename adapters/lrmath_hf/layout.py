@@ -62,6 +62,14 @@ def _relaid(weight: torch.Tensor, layout: str) -> torch.Tensor:
     return weight.contiguous() if layout == "standard" else weight.t().contiguous().t()
 
 
+def _give(weight: nn.Parameter, layout: str) -> bool:
+    """Lay ``weight`` out as ``layout`` in place; False where nothing changed (a vector's two layouts are one)."""
+    if min(weight.shape) <= 1 or layout_of(weight) == layout:
+        return False
+    weight.data = _relaid(weight.data, layout)
+    return True
+
+
 def _weight_names(module: nn.Module) -> tuple[str, ...]:
     # The matrices each module passes to F.linear as its weight.
     if isinstance(module, nn.Linear):
@@ -214,11 +222,6 @@ class LayoutReport:
                 f"({speedup:.2f}x, isolated timings)")
 
 
-def _check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-
-
 @torch.no_grad()
 def set_layout(model: nn.Module, layout: str = "standard") -> int:
     """Give every linear weight of ``model`` one layout (``"standard"`` undoes :func:`tune_decode_layout`).
@@ -228,13 +231,9 @@ def set_layout(model: nn.Module, layout: str = "standard") -> int:
     int
         The number of weights whose layout changed.
     """
-    _check_layout(layout)
-    changed = 0
-    for weight, _ in _linear_weights(model):
-        if min(weight.shape) > 1 and layout_of(weight) != layout:
-            weight.data = _relaid(weight.data, layout)
-            changed += 1
-    return changed
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return sum(_give(weight, layout) for weight, _ in _linear_weights(model))
 
 
 @contextmanager
@@ -247,18 +246,14 @@ def standard_layout(model: nn.Module):
         with standard_layout(model):
             model.save_pretrained(folder)
     """
-    moved = []
     with torch.no_grad():
-        for weight, _ in _linear_weights(model):
-            if min(weight.shape) > 1 and layout_of(weight) == "transposed":
-                weight.data = _relaid(weight.data, "standard")
-                moved.append(weight)
+        moved = [w for w, _ in _linear_weights(model) if layout_of(w) == "transposed" and _give(w, "standard")]
     try:
         yield model
     finally:
         with torch.no_grad():
             for weight in moved:
-                weight.data = _relaid(weight.data, "transposed")
+                _give(weight, "transposed")
 
 
 @torch.no_grad()
@@ -319,7 +314,6 @@ def tune_decode_layout(model: nn.Module, *, tokens: int = 1, margin: float = 0.0
         timing = timings[key]
         # A vector's two layouts are the same memory.
         layout = timing.choice(margin) if min(weight.shape) > 1 else "standard"
-        if layout_of(weight) != layout:
-            weight.data = _relaid(weight.data, layout)
+        _give(weight, layout)
         report.choices.append(LayoutChoice(tuple(names), key[0], key[1], layout, timing))
     return report
