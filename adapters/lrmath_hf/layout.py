@@ -70,6 +70,11 @@ def _give(weight: nn.Parameter, layout: str) -> bool:
     return True
 
 
+def _timing_key(weight: torch.Tensor, tokens: int) -> tuple:
+    """Key of a weight's :class:`LayoutTiming` in a ``timings`` cache."""
+    return tuple(weight.shape), str(weight.dtype), str(weight.device), tokens
+
+
 def _weight_names(module: nn.Module) -> tuple[str, ...]:
     # The matrices each module passes to F.linear as its weight.
     if isinstance(module, nn.Linear):
@@ -300,7 +305,7 @@ def tune_decode_layout(model: nn.Module, *, tokens: int = 1, margin: float = 0.0
     weights = list(_linear_weights(model))
     first = weights[0][0].device if weights else torch.device("cpu")
     report = LayoutReport(device=device_name(first), tokens=tokens, margin=margin)
-    keys = [(tuple(w.shape), str(w.dtype), str(w.device), tokens) for w, _ in weights]
+    keys = [_timing_key(w, tokens) for w, _ in weights]
     pending = {key: w for key, (w, _) in zip(keys, weights) if key not in timings}
     if progress:
         from tqdm.auto import tqdm

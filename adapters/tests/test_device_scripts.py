@@ -31,12 +31,17 @@ def test_results_gpu_page_is_generated_from_the_committed_run():
     assert _script("gpu_report").render(Path("docs/data/h200-2026-11-27"), command) == page
 
 
-def test_random_compressed_rebuilds_the_saved_structure(tmp_path):
-    """Same modules and shapes as the saved model, new values: what the GPU timings stand on."""
+def _save_tiny_compressed(folder):
+    """A tiny Llama compressed by ``auto`` at 0.3 and saved with its report, as ``lrmath compress`` writes it."""
     model = tiny_model("llama", dtype=torch.float32)
     batches = [token_batch(seed=s, batch=2, length=24) for s in range(4)]
     report = lrmath_hf.compress(model, batches, recipe="auto", ratio=0.3, progress=False)
-    lrmath_hf.save_compressed(model, tmp_path / "m", report=report.to_dict(), recipe="auto")
+    lrmath_hf.save_compressed(model, folder, report=report.to_dict(), recipe="auto")
+
+
+def test_random_compressed_rebuilds_the_saved_structure(tmp_path):
+    """Same modules and shapes as the saved model, new values: what the GPU timings stand on."""
+    _save_tiny_compressed(tmp_path / "m")
     shapes = _script("gpu_shapes_e2e")
     rebuilt, manifest = shapes.random_compressed(tmp_path / "m", torch.device("cpu"), torch.float32, seed=1)
     saved = lrmath_hf.load_compressed(tmp_path / "m")
@@ -66,10 +71,7 @@ def test_shapes_script_times_tuned_layouts_beside_the_stock_models(tmp_path):
     """``--tune-layout``: every model also timed as a tuned copy, and its speedup against the tuned dense one."""
     import json
 
-    model = tiny_model("llama", dtype=torch.float32)
-    batches = [token_batch(seed=s, batch=2, length=24) for s in range(4)]
-    report = lrmath_hf.compress(model, batches, recipe="auto", ratio=0.3, progress=False)
-    lrmath_hf.save_compressed(model, tmp_path / "ratio-0.30", report=report.to_dict(), recipe="auto")
+    _save_tiny_compressed(tmp_path / "ratio-0.30")
     out = tmp_path / "shapes.json"
     assert _script("gpu_shapes_e2e").main(
         [str(tmp_path / "ratio-0.30"), "--device", "cpu", "--dtypes", "float32", "--warmup", "0",

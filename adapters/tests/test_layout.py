@@ -22,9 +22,8 @@ def _fake_timings(model, rule, tokens: int = 1) -> dict:
     """A timing cache that makes ``rule(shape)`` (True: transposed) the choice for every weight of ``model``."""
     cache = {}
     for weight, _ in layout_mod._linear_weights(model):
-        key = (tuple(weight.shape), str(weight.dtype), str(weight.device), tokens)
         faster = rule(tuple(weight.shape))
-        cache[key] = LayoutTiming(standard_s=1.0, transposed_s=0.5 if faster else 2.0, rounds=1, copies=1)
+        cache[layout_mod._timing_key(weight, tokens)] = LayoutTiming(standard_s=1.0, transposed_s=0.5 if faster else 2.0, rounds=1, copies=1)
     return cache
 
 
@@ -144,7 +143,6 @@ def test_compressed_model_decodes_and_saves_after_tuning(tmp_path):
         again = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(again, tokens)
     reloaded = load_compressed(save_compressed(model, tmp_path / "m"))
-    reloaded = reloaded[0] if isinstance(reloaded, tuple) else reloaded
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert all(layout_of(w) == "standard" for w, _ in layout_mod._linear_weights(reloaded) if min(w.shape) > 1)
