@@ -175,18 +175,10 @@ def _low_precision_sums(x, xp, work, per_feature=True, fourth=True):
     c = xp.astype(mean, x.dtype)
     z = x - c[..., None, :]
     delta = mean - xp.astype(c, work)
-    m2 = add_outer(xp.astype(gram(z, xp), work), delta, -n, xp)  # fresh: updated in place
     if not fourth:
-        return (mean, m2, *_nan_sums(mean[..., None, :], xp))
-    z3, z4, zd3, zd4 = (xp.astype(a, work) for a in _vector_sums(z, xp, per_feature))
-    m2d = (m2 @ delta[..., :, None])[..., 0]  # the one matrix-vector product both shifts need
-    zero3, zero4 = xp.zeros_like(z3), xp.zeros_like(z4)
-    m3 = z3 - _shift(n, m2, zero3, zero4, delta, xp, m2d=m2d)[0]
-    m4 = z4 - _shift(n, m2, m3, zero4, delta, xp, m2d=m2d)[1]
-    zero = xp.zeros_like(zd3)
-    d3 = zd3 - _shift_diag(n, m2, zero, zero, delta, xp)[0]
-    d4 = zd4 - _shift_diag(n, m2, d3, zero, delta, xp)[1]
-    return mean, m2, m3, m4, d3, d4
+        return (mean, *_unshift(n, delta, xp.astype(gram(z, xp), work), None, None, None, None, xp, fourth=False))
+    sums = (xp.astype(a, work) for a in _vector_sums(z, xp, per_feature))
+    return (mean, *_unshift(n, delta, xp.astype(gram(z, xp), work), *sums, xp, per_feature=per_feature))  # fresh copy
 
 
 def _shift(count, m2, m3, m4, d, xp, m2d=None):
@@ -227,6 +219,29 @@ def _shift_diag(count, m2, d3, d4, d, xp):
     v = xp.linalg.diagonal(m2)
     d2 = d * d
     return d3 + 3.0 * d * v + count * (d2 * d), d4 + 4.0 * d * d3 + 6.0 * d2 * v + count * (d2 * d2)
+
+
+def _unshift(n, delta, z2, z3, z4, zd3, zd4, xp, fourth=True, per_feature=True):
+    r"""Sums about the mean from the sums of ``z = y + \delta`` (rows ``y`` summing to zero).
+
+    The inverse of :func:`_shift`: ``M_2 = Z_2 - n \delta\delta^\top``,
+    then ``M_3``, ``M_4`` (which uses ``M_3``) and the per-feature sums by subtracting
+    the shift's terms. ``z2`` must be the caller's own array (updated in place).
+    """
+    m2 = add_outer(z2, delta, -n, xp)
+    if not fourth:
+        return (m2, *_nan_sums(delta[..., None, :], xp))
+    m2d = (m2 @ delta[..., :, None])[..., 0]  # the one matrix-vector product both shifts need
+    zero3, zero4 = xp.zeros_like(z3), xp.zeros_like(z4)
+    m3 = z3 - _shift(n, m2, zero3, zero4, delta, xp, m2d=m2d)[0]
+    m4 = z4 - _shift(n, m2, m3, zero4, delta, xp, m2d=m2d)[1]
+    if not per_feature:
+        nan = _nan_sums(delta[..., None, :], xp)
+        return m2, m3, m4, nan[2], nan[3]
+    zero = xp.zeros_like(zd3)
+    d3 = zd3 - _shift_diag(n, m2, zero, zero, delta, xp)[0]
+    d4 = zd4 - _shift_diag(n, m2, d3, zero, delta, xp)[1]
+    return m2, m3, m4, d3, d4
 
 
 def _merge(a, b, xp, per_feature=True, fourth=True):

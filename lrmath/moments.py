@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Any, NamedTuple
 
 import numpy as np
 from array_api_compat import to_device
 
-from ._backend import add_outer, as_work, device_of, from_numpy, namespace, work_dtype
+from ._backend import add_outer, as_work, device_of, from_numpy, is_torch, namespace, work_dtype
 from ._moments_state import FORMAT_VERSION, read_state, state_shapes, write_state, zero_state
-from ._power_sums import _centred_sums, _merge, _shift, _shift_diag
+from . import _moments_window as window
+from ._power_sums import _centred_sums, _merge, _on_host, _shift, _shift_diag
 from ._validation import check_array, check_finite, check_int
 
 __all__ = ["FORMAT_VERSION", "Moments", "PowerSums", "state_shapes"]
+
+def _no_grad(xp):
+    """Statistics carry no gradient (and an in-place update refuses tensors that require one)."""
+    if is_torch(xp):
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
 
 class PowerSums(NamedTuple):
     r"""Power sums of ``z_k = x_k - c`` about a point ``c`` (see :meth:`Moments.sums`).
@@ -92,6 +103,13 @@ class Moments:
     many times the spread. Statistics are float64 (float32 on devices
     without float64) on the accumulator's library and device.
 
+    On a GPU, where a merge costs a hundred kernel launches, consecutive
+    batches are instead summed about one anchor (the first one's mean) and
+    folded back by the exact inverse shift when the statistics are first
+    read (``lrmath._moments_window``). A batch whose mean lies further
+    from the anchor than its own spread, per feature, is merged exactly
+    instead, so the fold's subtraction loses at most one bit.
+
     Examples
     --------
     >>> import numpy as np, lrmath
@@ -120,7 +138,7 @@ class Moments:
             raise ValueError("per_feature=True needs order=4: the per-feature sums are third and fourth powers")
         self.per_feature = bool(per_feature)
         self.order = int(order)
-        self._count = 0
+        self._count = 0  # rows seen, the window's included
         self._state = None  # (mean, m2, m3, m4, d3, d4) once the library is known
 
     # ------------------------------------------------------------ accumulation
@@ -152,21 +170,23 @@ class Moments:
                 f"x must have shape (*batch_shape, n, dim) = {self.batch_shape + ('n', self.dim)}, "
                 f"got {tuple(x.shape)}"
             )
-        if self._state is not None:
-            xp = namespace(self._state[0], x)  # TypeError on mixed libraries
+        if self._central is not None:
+            xp = namespace(self._central[0], x)  # TypeError on mixed libraries (no fold: _central, not _state)
         self._allocate(xp, x)
         n = int(x.shape[-2])
         if n == 0:
             return self
+        if gram_dtype is None and not _on_host(x, xp) and str(device_of(x)) == str(self.device):
+            if self._update_window(x, xp, n):
+                return self
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: the error below says so
             part = _centred_sums(x, xp, gram_dtype, self.per_feature, self.order == 4)
         # a NaN or Inf in x makes the mean (and M4, or the diagonal of M2) non-finite: checking the
         # small sums instead of every entry of x saves a full pass over the batch (a tenth of the
         # statistics' cost)
         spread = part[3] if self.order == 4 else xp.linalg.diagonal(part[1])
-        if not (bool(xp.all(xp.isfinite(part[0]))) and bool(xp.all(xp.isfinite(spread)))):
-            check_finite("x", x, xp)  # names NaN / Inf in x precisely
-            raise ValueError(f"x overflows the float64 power sums (sum of |x - mean|^{self.order} is not finite)")
+        if not bool(xp.all(xp.isfinite(part[0])) & xp.all(xp.isfinite(spread))):
+            self._raise_nonfinite(x, xp)
         part = tuple(self._to_home(a) for a in part)
         self._absorb(n, part, xp)
         return self
@@ -309,14 +329,14 @@ class Moments:
         return out
 
     def __repr__(self) -> str:
-        lib = "unset" if self._state is None else type(self._state[0]).__module__.split(".")[0]
+        lib = "unset" if self._central is None else type(self._central[0]).__module__.split(".")[0]
         kept = f"order={self.order}" + (", per_feature=True" if self.per_feature else "")
         return (f"Moments(dim={self.dim}, batch_shape={self.batch_shape}, {kept}, count={self._count}, "
                 f"library={lib})")
 
     # ----------------------------------------------------------------- private
     def _allocate(self, xp, like):
-        if self._state is not None:
+        if self._central is not None:
             return
         if self.device is None:
             self.device = device_of(like)
@@ -327,6 +347,21 @@ class Moments:
         """Move an array onto the accumulator's device (a no-op where it already is)."""
         return a if str(device_of(a)) == str(self.device) else to_device(a, self.device)
 
+    @property
+    def _state(self):
+        """The sums about the mean; a pending window of device batches is folded in first."""
+        if self._window is not None:
+            win, self._window = self._window, None
+            part = window.fold(win, namespace(win.anchor), self.order == 4, self.per_feature)
+            self._count -= part[0]
+            self._absorb(part[0], part[1:], namespace(win.anchor))
+        return self._central
+
+    @_state.setter
+    def _state(self, value):
+        self._window = None
+        self._central = value
+
     def _absorb(self, n, part, xp):
         if self._count == 0:
             self._state = part
@@ -334,6 +369,28 @@ class Moments:
             merged = _merge((self._count,) + self._state, (n,) + part, xp, self.per_feature, self.order == 4)
             self._state = merged[1:]
         self._count += n
+
+    def _update_window(self, x, xp, n) -> bool:
+        """Add ``x`` to the window of device batches (see :mod:`lrmath._moments_window`); False if it
+        is too far from the window's anchor, for the exact pairwise path to take."""
+        fourth = self.order == 4
+        with _no_grad(xp), np.errstate(invalid="ignore", over="ignore"):
+            w = as_work(x, xp)
+            win = self._window
+            anchor = xp.mean(w, axis=-2) if win is None else win.anchor
+            batch, verdict = window.screen(window.measure(w, anchor, xp, own=w is not x), anchor, xp, fourth,
+                                           self.per_feature)
+            if verdict == "nonfinite":
+                self._raise_nonfinite(x, xp)
+            if verdict == "drift":
+                return False
+            self._window = window.add(win, anchor, batch, xp, fourth, self.per_feature)
+        self._count += n
+        return True
+
+    def _raise_nonfinite(self, x, xp):
+        check_finite("x", x, xp)  # names NaN / Inf in x precisely
+        raise ValueError(f"x overflows the float64 power sums (sum of |x - mean|^{self.order} is not finite)")
 
     def _require_data(self, what):
         if self._count == 0:
