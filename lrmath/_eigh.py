@@ -27,8 +27,9 @@ __all__ = ["eigh", "backward_error_ok"]
 _JACOBI_MAX_DIM = 128
 # torch already uses the batched Jacobi solver up to this size
 _TORCH_BATCHED_MAX_DIM = 32
-# backward error allowed, in units of d * machine epsilon (LAPACK's syevd bound is a small multiple of it)
-_BACKWARD_FACTOR = 16.0
+# backward error allowed, in units of d * machine epsilon: LAPACK's own acceptance threshold for its
+# symmetric eigensolvers (TESTING/sep.in: 60, "theoretical limit ~500, empirically reached limit ~170")
+_BACKWARD_FACTOR = 60.0
 _cupy_state = {"module": None, "tried": False, "warned": False}
 
 
@@ -48,20 +49,21 @@ def backward_error_ok(A, w, V, *, xp=None) -> bool:
     r"""Whether ``(w, V)`` is a backward-stable eigendecomposition of every matrix of ``A``.
 
     Accepts when, per matrix, :math:`\|AV - V\operatorname{diag} w\|_F \le c\, d\, u\, \|A\|_F`,
-    :math:`\|V^\top V - I\|_F \le c\, d\, u` (``u`` the dtype's machine epsilon, ``c`` = 16) and ``w``
-    is ascending. One device synchronisation.
+    :math:`\|V^\top V - I\|_F \le c\, d\, u` (``u`` the dtype's machine epsilon, ``c`` = 60, the
+    threshold LAPACK's tests accept its own symmetric eigensolvers by) and ``w`` is ascending.
+    One device synchronisation.
     """
     xp = xp or namespace(A, w, V)
     d = A.shape[-1]
     tol = _BACKWARD_FACTOR * d * dtype_eps(A.dtype)
     resid = A @ V - V * w[..., None, :]
-    eye = xp.eye(d, dtype=A.dtype, device=array_api_compat.device(A))
-    ortho = xp.matrix_transpose(V) @ V - eye
-    ok = (xp.linalg.matrix_norm(resid) <= tol * xp.linalg.matrix_norm(A)) & (xp.linalg.matrix_norm(ortho) <= tol)
-    ok = xp.all(ok)
+    gram = xp.matrix_transpose(V) @ V
+    ortho = gram - xp.eye(d, dtype=A.dtype, device=array_api_compat.device(A))
+    norm = xp.linalg.matrix_norm
+    ok = xp.all((norm(resid) <= tol * norm(A)) & (norm(ortho) <= tol))
     if d > 1:
         ok = ok & xp.all(w[..., 1:] >= w[..., :-1])
-    return bool(ok)
+    return bool(ok)  # the one synchronisation
 
 
 def _batched(A) -> bool:

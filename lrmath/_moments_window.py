@@ -15,12 +15,14 @@ about the window's mean by the exact inverse shift (``M_2 = S_2 - n \delta\delta
 ``\delta = S_1 / n``, :func:`lrmath._power_sums._unshift`), then merges once.
 
 Accuracy: that subtraction cancels when the mean is far from the anchor. Each batch
-is screened first (one small host transfer): it joins only if, per feature,
-``n_b e^2 \le \tau\, \sum (x - \bar x_b)^2`` with ``e`` its mean's offset from ``c``
-(``\tau`` = 1). Then :math:`n\delta_i^2 \le \sum_b n_b e_{b,i}^2 \le \tau M_{2,ii}`, so the
-cancellation costs at most a factor :math:`1 + \tau` (one bit) on each diagonal entry.
-A batch that fails (a stream whose mean jumps by more than its spread) is merged
-exactly by the pairwise path instead, and the next one starts a new window.
+is screened (one small transfer to the host, which on CUDA overlaps the batch's Gram
+product): it joins only if, per feature, the window keeps
+:math:`\sum_b n_b e_b^2 \le \tau \sum_b \sum_{k \in b} (x_k - \bar x_b)^2`, with :math:`e_b`
+the offset of batch ``b``'s mean from ``c`` (``\tau`` = 1). Then
+:math:`n\delta_i^2 \le \sum_b n_b e_{b,i}^2 \le \tau M_{2,ii}` (Jensen), so the cancellation
+costs at most a factor :math:`1 + \tau` (one bit) on each diagonal entry. A batch that
+fails (a stream whose mean jumps by more than its spread) is merged exactly by the
+pairwise path instead, and the next one starts a new window.
 """
 
 from __future__ import annotations
@@ -37,7 +39,23 @@ _ROUNDING = 16.0  # a batch of a constant feature is centred only to ~ eps |c|: 
 
 
 class Window(NamedTuple):
+    """Sums of ``z = x - anchor`` over the window's rows (device), and its screen's totals (host)."""
+
     anchor: Any
+    count: int
+    s1: Any
+    s2: Any
+    s3: Any
+    s4: Any
+    zd3: Any
+    zd4: Any
+    offset: np.ndarray  # sum over batches of n_b e_b^2, per feature
+    square: np.ndarray  # sum of z^2, per feature
+
+
+class Batch(NamedTuple):
+    """One batch measured from the anchor: the sums it adds to a window (None where not kept)."""
+
     count: int
     s1: Any
     s2: Any
@@ -47,73 +65,92 @@ class Window(NamedTuple):
     zd4: Any
 
 
-class Screened(NamedTuple):
-    """One batch measured from the anchor, with the reductions the screen and the sums share."""
+def measure(w, anchor, xp, *, own: bool, fourth: bool, per_feature: bool):
+    """``(Batch, pending)``: the sums of ``z = w - anchor`` and, for :func:`screen`, its figures.
 
-    z: Any
-    sz: Any
-    r2: Any
-    r4: Any
-    z2: Any
-
-
-def measure(w, anchor, xp, own: bool):
-    """``z = w - anchor`` (in place when ``w`` is the caller's own copy)."""
+    The figures are sent to the host (asynchronously on CUDA) before the Gram product is
+    queued, so waiting for them never waits for that product, which then runs while the host
+    decides; ``w`` is centred in place when it is the caller's own copy.
+    """
     if own:
         w -= anchor[..., None, :]
-        return w
-    return w - anchor[..., None, :]
-
-
-def screen(z, anchor, xp, fourth: bool, per_feature: bool):
-    """``(Screened, verdict)``: verdict is ``"ok"``, ``"drift"`` or ``"nonfinite"`` (one host transfer)."""
-    n = z.shape[-2]
+        z = w
+    else:
+        z = w - anchor[..., None, :]
     sz = xp.sum(z, axis=-2)
     # fused reductions, no n x d temporary of squares (the same rounding with and without per_feature)
     q = xp.linalg.vector_norm(z, axis=-2) ** 2
-    r2 = xp.linalg.vector_norm(z, axis=-1) ** 2 if fourth else None
-    z2 = z * z if per_feature else None
-    r4 = xp.sum(r2 * r2, axis=-1) if fourth else None  # the batch's fourth sum: overflow shows here
-    parts = [sz, q, xp.abs(anchor)] + ([r4[..., None]] if fourth else [])
-    host = to_numpy(xp.concat(parts, axis=-1))
-    d = sz.shape[-1]
-    h_sz, h_q, h_c = host[..., :d], host[..., d:2 * d], host[..., 2 * d:3 * d]
-    eps = np.finfo(host.dtype).eps
+    r2 = r4 = s3 = zd3 = zd4 = None
+    if fourth:
+        r2 = xp.linalg.vector_norm(z, axis=-1) ** 2
+        r4 = xp.sum(r2 * r2, axis=-1)  # the batch's fourth sum: an overflow shows here
+    pending = _to_host_async(xp.concat([sz, q, xp.abs(anchor)] + ([r4[..., None]] if fourth else []), axis=-1), xp)
+    if fourth:
+        s3 = (r2[..., None, :] @ z)[..., 0, :]
+    if per_feature:
+        z2 = z * z
+        zd3, zd4 = xp.sum(z2 * z, axis=-2), xp.sum(z2 * z2, axis=-2)
+    return Batch(z.shape[-2], sz, xp.matrix_transpose(z) @ z, s3, r4, zd3, zd4), pending
+
+
+def screen(pending, n: int, d: int, window):
+    """``(verdict, figures)``: ``"ok"``, ``"drift"`` (merge this batch exactly) or ``"nonfinite"``.
+
+    ``"ok"`` while, per feature, the window's ``sum n_b e_b^2`` stays within ``tau`` times its
+    rows' spread about their batch means, ``sum (z^2) - sum n_b e_b^2``: the bound the fold needs.
+    """
+    host = _host_values(pending)
+    sz, q, c = host[..., :d], host[..., d:2 * d], host[..., 2 * d:3 * d]
     with np.errstate(invalid="ignore", over="ignore"):
         if not np.all(np.isfinite(host)):
-            return None, "nonfinite"
-        floor = n * (_ROUNDING * eps * h_c) ** 2
-        drift_ok = np.all((1.0 + DRIFT) * h_sz * h_sz / n <= DRIFT * h_q + floor)
-    return Screened(z, sz, r2, r4, z2), ("ok" if drift_ok else "drift")
+            return "nonfinite", None
+        offset, square = sz * sz / n, q
+        if window is not None:
+            offset, square = offset + window.offset, square + window.square
+        floor = (window.count + n if window is not None else n) * (_ROUNDING * np.finfo(host.dtype).eps * c) ** 2
+        ok = np.all((1.0 + DRIFT) * offset <= DRIFT * square + floor)
+    return ("ok" if ok else "drift"), (offset, square)
 
 
-def add(window, anchor, b: Screened, xp, fourth: bool, per_feature: bool) -> Window:
-    """The window with batch ``b`` added (a fresh window about ``anchor`` when ``window`` is None)."""
-    z, n = b.z, b.z.shape[-2]
-    zt = xp.matrix_transpose(z)
-    if fourth:
-        s3, s4 = (b.r2[..., None, :] @ z)[..., 0, :], b.r4
-    if per_feature:
-        zd3, zd4 = xp.sum(b.z2 * z, axis=-2), xp.sum(b.z2 * b.z2, axis=-2)
+def add(window, anchor, b: Batch, figures, xp) -> Window:
+    """The window with batch ``b`` added (a window of ``b`` alone about ``anchor`` when ``window`` is None)."""
     if window is None:
-        nan = _nan_sums(z, xp)
-        return Window(anchor, n, b.sz, zt @ z, *(s3, s4) if fourth else nan[:2],
-                      *(zd3, zd4) if per_feature else nan[2:])
-    # the small sums out of place (numpy reduces to scalars, which have no in-place add)
-    out = window._replace(count=window.count + n, s1=window.s1 + b.sz, s2=_add_gram(window.s2, z, zt, xp))
-    if fourth:
-        out = out._replace(s3=window.s3 + s3, s4=window.s4 + s4)
-    if per_feature:
-        out = out._replace(zd3=window.zd3 + zd3, zd4=window.zd4 + zd4)
-    return out
+        nan = _nan_sums(b.s2, xp)  # NaN for the sums not kept, once per window
+        return Window(anchor, b.count, b.s1, b.s2, *(nan[i] if a is None else a for i, a in enumerate(b[3:])),
+                      *figures)
+
+    def plus(a, bb):  # the small sums out of place (numpy reduces to scalars, which have no in-place add)
+        return a if bb is None else a + bb
+
+    return Window(anchor, window.count + b.count, window.s1 + b.s1, _add_into(window.s2, b.s2, xp),
+                  plus(window.s3, b.s3), plus(window.s4, b.s4), plus(window.zd3, b.zd3), plus(window.zd4, b.zd4),
+                  *figures)
 
 
-def _add_gram(s2, z, zt, xp):
-    """``s2 + z^T z``, in place where that is allowed (one GEMM, no d x d temporary)."""
+def _to_host_async(a, xp):
+    if is_torch(xp) and a.device.type == "cuda":
+        import torch
+
+        host = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
+        host.copy_(a, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+    return a, None
+
+
+def _host_values(pending) -> np.ndarray:
+    a, done = pending
+    if done is not None:
+        done.synchronize()  # waits for the copy, not for work queued after it
+        return a.numpy()
+    return to_numpy(a)
+
+
+def _add_into(s2, g, xp):
+    """``s2 + g`` for the window's d x d sum, in place where that is allowed."""
     s2 = _writable(s2, xp)
-    if is_torch(xp) and z.ndim == 2:
-        return s2.addmm_(zt, z)
-    s2 += zt @ z
+    s2 += g
     return s2
 
 
@@ -131,5 +168,5 @@ def fold(window: Window, xp, fourth: bool, per_feature: bool):
     """``(count, mean, M2, M3, M4, D3, D4)`` of the window's rows, sums about their mean."""
     n = window.count
     delta = window.s1 / n
-    return (n, window.anchor + delta,
-            *_unshift(n, delta, _writable(window.s2, xp), window.s3, window.s4, window.zd3, window.zd4, xp, fourth, per_feature))
+    sums = (_writable(window.s2, xp), window.s3, window.s4, window.zd3, window.zd4)
+    return (n, window.anchor + delta, *_unshift(n, delta, *sums, xp, fourth, per_feature))

@@ -11,7 +11,7 @@ import operator
 
 import numpy as np
 
-from ._backend import namespace
+from ._backend import namespace, to_numpy
 
 __all__ = [
     "check_array",
@@ -78,12 +78,16 @@ def check_symmetric(name: str, C, xp=None):
     xp = xp or check_square(name, C, finite=False)
     if not xp.isdtype(C.dtype, "real floating"):
         C = xp.astype(C, xp.float64)
-    # max|C| as max(max C, -min C): no |C| temporary; it propagates NaN and Inf (no finiteness pass)
-    scale = max(float(xp.max(C)), -float(xp.min(C))) if math.prod(C.shape) else 0.0
+    # max|C| as max(max C, -min C): no |C| temporary; it propagates NaN and Inf (no finiteness pass).
+    # C - C^T is antisymmetric, so its largest entry is its largest magnitude. The three reductions
+    # come to the host together: one device synchronisation
+    top = bottom = asym = 0.0
+    if math.prod(C.shape):
+        extremes = xp.stack([xp.max(C), xp.min(C), xp.max(C - xp.matrix_transpose(C))])
+        top, bottom, asym = (float(v) for v in to_numpy(extremes))
+    scale = max(top, -bottom)
     if not math.isfinite(scale):
         raise ValueError(f"{name} contains NaN or Inf")
-    # C - C^T is antisymmetric, so its largest entry is its largest magnitude
-    asym = float(xp.max(C - xp.matrix_transpose(C))) if math.prod(C.shape) else 0.0
     if asym > symmetry_tolerance(C, xp) * max(scale, np.finfo(np.float64).tiny):
         raise ValueError(
             f"{name} is not symmetric: max|C - C^T| = {asym:.3g} exceeds "

@@ -378,13 +378,14 @@ class Moments:
             w = as_work(x, xp)
             win = self._window
             anchor = xp.mean(w, axis=-2) if win is None else win.anchor
-            batch, verdict = window.screen(window.measure(w, anchor, xp, own=w is not x), anchor, xp, fourth,
-                                           self.per_feature)
+            batch, pending = window.measure(w, anchor, xp, own=w is not x, fourth=fourth,
+                                            per_feature=self.per_feature)
+            verdict, figures = window.screen(pending, n, self.dim, win)
             if verdict == "nonfinite":
                 self._raise_nonfinite(x, xp)
             if verdict == "drift":
                 return False
-            self._window = window.add(win, anchor, batch, xp, fourth, self.per_feature)
+            self._window = window.add(win, anchor, batch, figures, xp)
         self._count += n
         return True
 

@@ -96,10 +96,17 @@ def main(argv=None) -> int:
             w, v = _host_pair(sides[name](), heads)
             proj_err = float(np.max(np.abs(v[..., -r:] @ np.swapaxes(v[..., -r:], 1, 2) - ref_p)))
             eig_err = float(np.max(np.abs(w - ref_w)) / np.max(np.abs(ref_w)))
+            # LAPACK's test ratios (TESTING/sep.in accepts < 60): backward error and orthogonality in units of d eps
+            unit = d * np.finfo(np.float64).eps
+            Ch = C.cpu().numpy()
+            resid = np.linalg.norm(Ch @ v - v * w[:, None, :], axis=(1, 2)) / np.linalg.norm(Ch, axis=(1, 2))
+            ortho = np.linalg.norm(np.swapaxes(v, 1, 2) @ v - np.eye(d), axis=(1, 2))
             rows.append({"heads": heads, "d": d, "path": name, "median_s": t, "speedup_vs_loop": base / t,
-                         "projector_max_err": proj_err, "eigenvalues_rel_err": eig_err})
+                         "projector_max_err": proj_err, "eigenvalues_rel_err": eig_err,
+                         "residual_ratio": float(resid.max() / unit), "orthogonality_ratio": float(ortho.max() / unit)})
             print(f"{heads:3d}x{d:<4d} {name:38s} {t * 1e3:8.3f} ms  {base / t:5.2f}x vs the per-head loop  "
-                  f"projector err {proj_err:.1e}  eigenvalue err {eig_err:.1e}", flush=True)
+                  f"projector err {proj_err:.1e}  eigenvalue err {eig_err:.1e}  "
+                  f"LAPACK ratios {resid.max() / unit:.1f} / {ortho.max() / unit:.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -31,6 +31,10 @@ __all__ = [
     "set_linear",
 ]
 
+# the first transformers release whose modules the registered layouts name (DINOv2 took the
+# q_proj ... o_proj layout in 5.18; 5.17 still nests attention.attention.query); pyproject.toml agrees
+MIN_TRANSFORMERS = "5.18"
+
 ATTENTION_ROLES = ("q", "k", "v", "o")
 GATED_MLP_ROLES = ("gate", "up", "down")
 PLAIN_MLP_ROLES = ("up", "down")
@@ -363,7 +367,15 @@ def get_linear(model: Any, layer: int, role: str, spec: ArchSpec | None = None) 
     spec = spec or get_spec(model)
     if role not in spec.linears:
         raise KeyError(f"unknown role {role!r}; roles: {spec.roles}")
-    return get_layer(model, layer, spec).get_submodule(spec.linears[role])
+    try:
+        return get_layer(model, layer, spec).get_submodule(spec.linears[role])
+    except AttributeError as exc:  # e.g. DINOv2 before transformers 5.18 (attention.attention.query ...)
+        import transformers
+
+        raise ValueError(
+            f"block {layer} of this {spec.model_type} model has no {spec.linears[role]!r} ({role}): lrmath_hf "
+            f"knows the module layout of transformers >= {MIN_TRANSFORMERS}, and transformers "
+            f"{transformers.__version__} is installed") from exc
 
 
 def set_linear(model: Any, layer: int, role: str, module: Any, spec: ArchSpec | None = None) -> Any:

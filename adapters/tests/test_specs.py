@@ -127,3 +127,20 @@ def test_causal_lm_from_config_has_expected_layer_count():
     config = tiny_config("qwen2", num_hidden_layers=3)
     model = AutoModelForCausalLM.from_config(config)
     assert len(list(iter_layers(model))) == get_spec(model).num_layers == 3
+
+
+def test_a_missing_module_names_the_transformers_versions_whose_layout_is_known():
+    """A model built by an older transformers (DINOv2 before 5.18 nests attention.attention.query) is
+    refused with the version that is needed, not with a bare AttributeError from deep inside."""
+    import packaging.version as pv
+    import transformers
+
+    from lrmath_hf.specs import MIN_TRANSFORMERS, get_linear, get_spec, iter_layers
+
+    model = tiny_model("llama", dtype=torch.float32)
+    spec = get_spec(model)
+    _, block = next(iter_layers(model, spec))
+    del block.self_attn.q_proj  # what an older layout looks like from here: no such module
+    with pytest.raises(ValueError, match=rf"transformers >= {MIN_TRANSFORMERS}.*{transformers.__version__}"):
+        get_linear(model, 0, "q", spec)
+    assert pv.Version(transformers.__version__) >= pv.Version(MIN_TRANSFORMERS)  # what pyproject.toml requires
