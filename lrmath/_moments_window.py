@@ -51,10 +51,15 @@ class Window(NamedTuple):
     zd4: Any
     offset: np.ndarray  # sum over batches of n_b e_b^2, per feature
     square: np.ndarray  # sum of z^2, per feature
+    spare: Any = None  # torch: the second d x d buffer the next Gram product accumulates into
 
 
 class Batch(NamedTuple):
-    """One batch measured from the anchor: the sums it adds to a window (None where not kept)."""
+    """One batch measured from the anchor: the sums it adds to a window (None where not kept).
+
+    ``s2`` is the batch's Gram product, or (``s2_total``) the window's sum with it added,
+    written into the window's spare buffer.
+    """
 
     count: int
     s1: Any
@@ -63,34 +68,70 @@ class Batch(NamedTuple):
     s4: Any
     zd3: Any
     zd4: Any
+    s2_total: bool = False
 
 
-def measure(w, anchor, xp, *, own: bool, fourth: bool, per_feature: bool):
+def measure(w, anchor, xp, window, *, own: bool, fourth: bool, per_feature: bool):
     """``(Batch, pending)``: the sums of ``z = w - anchor`` and, for :func:`screen`, its figures.
 
     The figures are sent to the host (asynchronously on CUDA) before the Gram product is
     queued, so waiting for them never waits for that product, which then runs while the host
     decides; ``w`` is centred in place when it is the caller's own copy.
     """
+    if is_torch(xp):
+        return _measure_torch(w, anchor, window, own, fourth, per_feature)
     if own:
         w -= anchor[..., None, :]
         z = w
     else:
         z = w - anchor[..., None, :]
     sz = xp.sum(z, axis=-2)
-    # fused reductions, no n x d temporary of squares (the same rounding with and without per_feature)
-    q = xp.linalg.vector_norm(z, axis=-2) ** 2
+    q = xp.sum(z * z, axis=-2)
     r2 = r4 = s3 = zd3 = zd4 = None
     if fourth:
-        r2 = xp.linalg.vector_norm(z, axis=-1) ** 2
+        r2 = xp.sum(z * z, axis=-1)
         r4 = xp.sum(r2 * r2, axis=-1)  # the batch's fourth sum: an overflow shows here
-    pending = _to_host_async(xp.concat([sz, q, xp.abs(anchor)] + ([r4[..., None]] if fourth else []), axis=-1), xp)
+    pending = (xp.concat([sz, q, xp.abs(anchor)] + ([r4[..., None]] if fourth else []), axis=-1), None, "sums")
     if fourth:
         s3 = (r2[..., None, :] @ z)[..., 0, :]
     if per_feature:
         z2 = z * z
         zd3, zd4 = xp.sum(z2 * z, axis=-2), xp.sum(z2 * z2, axis=-2)
     return Batch(z.shape[-2], sz, xp.matrix_transpose(z) @ z, s3, r4, zd3, zd4), pending
+
+
+def _measure_torch(w, anchor, window, own, fourth, per_feature):
+    """:func:`measure` in torch calls (a dozen launches, no wrapper layers: the host's time per
+    batch is what bounds a GPU update): one-pass ``var_mean`` for the screen, and the Gram
+    product accumulated straight into the window's spare buffer (``addmm``, no d x d add)."""
+    import torch
+
+    z = w.sub_(anchor.unsqueeze(-2)) if own else w - anchor.unsqueeze(-2)
+    n = z.shape[-2]
+    var, mean = torch.var_mean(z, dim=-2, correction=0)
+    r2 = r4 = s3 = zd3 = zd4 = None
+    parts = [mean, var, anchor.abs()]
+    if fourth:
+        r2 = torch.linalg.vector_norm(z, dim=-1).square_()
+        r4 = torch.linalg.vecdot(r2, r2)  # the batch's fourth sum: an overflow shows here
+        parts.append(r4.unsqueeze(-1))
+    pending = _to_host_async(torch.cat(parts, dim=-1))
+    if fourth:
+        s3 = (r2.unsqueeze(-2) @ z).squeeze(-2)
+    if per_feature:
+        z2 = z * z
+        zd3, zd4 = (z2 * z).sum(-2), (z2 * z2).sum(-2)
+    zt = z.mT
+    if window is None:
+        return Batch(n, mean * n, zt @ z, s3, r4, zd3, zd4), pending
+    spare = window.spare
+    if spare is None or (spare.is_inference() and not torch.is_inference_mode_enabled()):
+        spare = torch.empty_like(window.s2)
+    if z.ndim == 2:
+        torch.addmm(window.s2, zt, z, out=spare)
+    else:
+        torch.baddbmm(window.s2.flatten(0, -3), zt.flatten(0, -3), z.flatten(0, -3), out=spare.flatten(0, -3))
+    return Batch(n, mean * n, spare, s3, r4, zd3, zd4, s2_total=True), pending
 
 
 def screen(pending, n: int, d: int, window):
@@ -100,15 +141,22 @@ def screen(pending, n: int, d: int, window):
     rows' spread about their batch means, ``sum (z^2) - sum n_b e_b^2``: the bound the fold needs.
     """
     host = _host_values(pending)
-    sz, q, c = host[..., :d], host[..., d:2 * d], host[..., 2 * d:3 * d]
-    with np.errstate(invalid="ignore", over="ignore"):
-        if not np.all(np.isfinite(host)):
-            return "nonfinite", None
-        offset, square = sz * sz / n, q
-        if window is not None:
-            offset, square = offset + window.offset, square + window.square
-        floor = (window.count + n if window is not None else n) * (_ROUNDING * np.finfo(host.dtype).eps * c) ** 2
-        ok = np.all((1.0 + DRIFT) * offset <= DRIFT * square + floor)
+    if not np.isfinite(host).all():
+        return "nonfinite", None
+    first, second, c = host[..., :d], host[..., d:2 * d], host[..., 2 * d:3 * d]
+    if pending[2] == "sums":  # sum z, sum z^2
+        offset, square = first * first / n, second
+    else:  # mean and variance of z
+        offset = n * first * first
+        square = n * second + offset
+    if not np.isfinite(square).all():  # sum z^2 about the anchor overflows: the exact path decides
+        return "drift", None
+    rows = n
+    if window is not None:
+        offset, square, rows = offset + window.offset, square + window.square, rows + window.count
+    eps = 2.0 ** -52 if host.dtype == np.float64 else 2.0 ** -23
+    with np.errstate(over="ignore"):  # finite figures whose squares overflow: a drift, merged exactly
+        ok = ((1.0 + DRIFT) * offset <= DRIFT * square + rows * (_ROUNDING * eps * c) ** 2).all()
     return ("ok" if ok else "drift"), (offset, square)
 
 
@@ -116,31 +164,32 @@ def add(window, anchor, b: Batch, figures, xp) -> Window:
     """The window with batch ``b`` added (a window of ``b`` alone about ``anchor`` when ``window`` is None)."""
     if window is None:
         nan = _nan_sums(b.s2, xp)  # NaN for the sums not kept, once per window
-        return Window(anchor, b.count, b.s1, b.s2, *(nan[i] if a is None else a for i, a in enumerate(b[3:])),
+        return Window(anchor, b.count, b.s1, b.s2, *(nan[i] if a is None else a for i, a in enumerate(b[3:7])),
                       *figures)
 
     def plus(a, bb):  # the small sums out of place (numpy reduces to scalars, which have no in-place add)
         return a if bb is None else a + bb
 
-    return Window(anchor, window.count + b.count, window.s1 + b.s1, _add_into(window.s2, b.s2, xp),
-                  plus(window.s3, b.s3), plus(window.s4, b.s4), plus(window.zd3, b.zd3), plus(window.zd4, b.zd4),
-                  *figures)
+    s2, spare = (b.s2, window.s2) if b.s2_total else (_add_into(window.s2, b.s2, xp), None)
+    return Window(anchor, window.count + b.count, window.s1 + b.s1, s2, plus(window.s3, b.s3),
+                  plus(window.s4, b.s4), plus(window.zd3, b.zd3), plus(window.zd4, b.zd4), *figures, spare)
 
 
-def _to_host_async(a, xp):
-    if is_torch(xp) and a.device.type == "cuda":
+def _to_host_async(a):
+    """``(array, event, "moments")``: a torch tensor's copy to the host, asynchronous on CUDA."""
+    if a.device.type == "cuda":
         import torch
 
         host = torch.empty(a.shape, dtype=a.dtype, pin_memory=True)
         host.copy_(a, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return host, done
-    return a, None
+        return host, done, "moments"
+    return a, None, "moments"
 
 
 def _host_values(pending) -> np.ndarray:
-    a, done = pending
+    a, done, _ = pending
     if done is not None:
         done.synchronize()  # waits for the copy, not for work queued after it
         return a.numpy()

@@ -378,7 +378,7 @@ class Moments:
             w = as_work(x, xp)
             win = self._window
             anchor = xp.mean(w, axis=-2) if win is None else win.anchor
-            batch, pending = window.measure(w, anchor, xp, own=w is not x, fourth=fourth,
+            batch, pending = window.measure(w, anchor, xp, win, own=w is not x, fourth=fourth,
                                             per_feature=self.per_feature)
             verdict, figures = window.screen(pending, n, self.dim, win)
             if verdict == "nonfinite":

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             moments()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
     return 0
 
 
