@@ -96,7 +96,8 @@ def test_report_judges_a_paired_goal_on_the_pairs_not_the_sequential_medians(mon
     assert bench_format.evaluate_goal(goal, cand, base) == (None, "interleaved pairs not recorded")
 
 
-@pytest.mark.parametrize("name", ["benchmarks", "benchmarks-e2e", "benchmarks-e2e-compress", "benchmarks-cuda"])
+@pytest.mark.parametrize("name", ["benchmarks", "benchmarks-e2e", "benchmarks-e2e-compress", "benchmarks-cuda",
+                                  "benchmarks-cuda-2026-11-27"])
 def test_e2e_page_is_generated_from_the_committed_run(tmp_path, monkeypatch, name):
     """Every benchmark page is exactly what bench_report makes of the JSON it names."""
     import importlib.util

@@ -3,7 +3,7 @@
 torch's CUDA ``eigh`` runs a batch of matrices larger than 32 x 32 one ``syevd`` call at
 a time (it keeps cuSOLVER's batched Jacobi solver for the small ones), which made
 ``pca_truncate`` over a layer's heads no faster than a per-head loop on an H200
-(1.02-1.07x at 3-32 heads of 64-128, docs/benchmarks-cuda.md). CuPy's batched
+(1.02-1.07x at 3-32 heads of 64-128, docs/benchmarks-cuda-2026-11-27.md). CuPy's batched
 ``eigh`` calls cuSOLVER ``syevjBatched`` for any size; a probe on the same GPU
 (scripts/eigh_paths.py) timed it 3.2x-12x faster than the per-head loop. So a
 batched torch-CUDA input borrows it on the same memory (DLPack, torch's current
@@ -23,7 +23,9 @@ from ._validation import dtype_eps
 
 __all__ = ["eigh", "backward_error_ok"]
 
-# the sizes the probe measured the Jacobi route on (3-32 heads of 64 and 128)
+# up to the sizes where the route paid and passed its check with room (H200, docs/results-gpu-2026-11-28.md:
+# 7.5x at 9 x 64, 8.8x at 32 x 128, loss of orthogonality 28 d eps there); at 8 x 256 it was 1.9x with a
+# loss of 49 d eps, too near the threshold of 60 to be worth a failed attempt
 _JACOBI_MAX_DIM = 128
 # torch already uses the batched Jacobi solver up to this size
 _TORCH_BATCHED_MAX_DIM = 32
@@ -38,7 +40,8 @@ def eigh(A, xp=None):
     xp = xp or namespace(A)
     if array_api_compat.is_cupy_namespace(xp) and _batched(A):
         return _checked_or_loop(A, xp, xp.linalg.eigh(A))
-    if is_torch(xp) and A.device.type == "cuda" and _batched(A) and _TORCH_BATCHED_MAX_DIM < A.shape[-1] <= _JACOBI_MAX_DIM:
+    jacobi_pays = _TORCH_BATCHED_MAX_DIM < A.shape[-1] <= _JACOBI_MAX_DIM
+    if is_torch(xp) and A.device.type == "cuda" and _batched(A) and jacobi_pays:
         out = _borrow_cupy(A)
         if out is not None and backward_error_ok(A, *out, xp=xp):
             return out

@@ -3,7 +3,7 @@ r"""Batches summed about one anchor, then folded into :class:`lrmath.Moments` at
 On a GPU an update is bound by kernel launches, not arithmetic: the pairwise merge of
 :func:`lrmath._power_sums._merge` is about a hundred small operations, which made
 ``Moments.update`` 0.05x (d = 576) and 0.26x (d = 1536) of a plain ``X^T X``
-accumulation on an H200 (docs/benchmarks-cuda.md). Here the rows of consecutive
+accumulation on an H200 (docs/benchmarks-cuda-2026-11-27.md). Here the rows of consecutive
 batches are measured from one anchor ``c`` (the first batch's mean):
 ``z = x - c``, and their power sums simply add,
 
@@ -38,10 +38,9 @@ DRIFT = 1.0  # tau above
 _ROUNDING = 16.0  # a batch of a constant feature is centred only to ~ eps |c|: that much offset is rounding
 
 
-class Window(NamedTuple):
-    """Sums of ``z = x - anchor`` over the window's rows (device), and its screen's totals (host)."""
+class Sums(NamedTuple):
+    """Power sums of rows measured from the anchor (None where not kept, in one batch's)."""
 
-    anchor: Any
     count: int
     s1: Any
     s2: Any
@@ -49,25 +48,27 @@ class Window(NamedTuple):
     s4: Any
     zd3: Any
     zd4: Any
+
+
+class Window(NamedTuple):
+    """The window's sums (device) and its screen's totals (host)."""
+
+    anchor: Any
+    sums: Sums
     offset: np.ndarray  # sum over batches of n_b e_b^2, per feature
     square: np.ndarray  # sum of z^2, per feature
     spare: Any = None  # torch: the second d x d buffer the next Gram product accumulates into
 
+    @property
+    def count(self) -> int:
+        return self.sums.count
+
 
 class Batch(NamedTuple):
-    """One batch measured from the anchor: the sums it adds to a window (None where not kept).
+    """One batch's sums; ``s2_total``: its ``s2`` is the window's with the batch's Gram added
+    (written into the window's spare buffer), not the batch's own."""
 
-    ``s2`` is the batch's Gram product, or (``s2_total``) the window's sum with it added,
-    written into the window's spare buffer.
-    """
-
-    count: int
-    s1: Any
-    s2: Any
-    s3: Any
-    s4: Any
-    zd3: Any
-    zd4: Any
+    sums: Sums
     s2_total: bool = False
 
 
@@ -97,7 +98,7 @@ def measure(w, anchor, xp, window, *, own: bool, fourth: bool, per_feature: bool
     if per_feature:
         z2 = z * z
         zd3, zd4 = xp.sum(z2 * z, axis=-2), xp.sum(z2 * z2, axis=-2)
-    return Batch(z.shape[-2], sz, xp.matrix_transpose(z) @ z, s3, r4, zd3, zd4), pending
+    return Batch(Sums(z.shape[-2], sz, xp.matrix_transpose(z) @ z, s3, r4, zd3, zd4)), pending
 
 
 def _measure_torch(w, anchor, window, own, fourth, per_feature):
@@ -123,15 +124,16 @@ def _measure_torch(w, anchor, window, own, fourth, per_feature):
         zd3, zd4 = (z2 * z).sum(-2), (z2 * z2).sum(-2)
     zt = z.mT
     if window is None:
-        return Batch(n, mean * n, zt @ z, s3, r4, zd3, zd4), pending
+        return Batch(Sums(n, mean * n, zt @ z, s3, r4, zd3, zd4)), pending
     spare = window.spare
     if spare is None or (spare.is_inference() and not torch.is_inference_mode_enabled()):
-        spare = torch.empty_like(window.s2)
+        spare = torch.empty_like(window.sums.s2)
     if z.ndim == 2:
-        torch.addmm(window.s2, zt, z, out=spare)
+        torch.addmm(window.sums.s2, zt, z, out=spare)
     else:
-        torch.baddbmm(window.s2.flatten(0, -3), zt.flatten(0, -3), z.flatten(0, -3), out=spare.flatten(0, -3))
-    return Batch(n, mean * n, spare, s3, r4, zd3, zd4, s2_total=True), pending
+        torch.baddbmm(window.sums.s2.flatten(0, -3), zt.flatten(0, -3), z.flatten(0, -3),
+                      out=spare.flatten(0, -3))
+    return Batch(Sums(n, mean * n, spare, s3, r4, zd3, zd4), s2_total=True), pending
 
 
 def screen(pending, n: int, d: int, window):
@@ -160,19 +162,22 @@ def screen(pending, n: int, d: int, window):
     return ("ok" if ok else "drift"), (offset, square)
 
 
-def add(window, anchor, b: Batch, figures, xp) -> Window:
-    """The window with batch ``b`` added (a window of ``b`` alone about ``anchor`` when ``window`` is None)."""
+def add(window, anchor, batch: Batch, figures, xp) -> Window:
+    """The window with ``batch`` added (a window of it alone about ``anchor`` when ``window`` is None)."""
+    b = batch.sums
     if window is None:
         nan = _nan_sums(b.s2, xp)  # NaN for the sums not kept, once per window
-        return Window(anchor, b.count, b.s1, b.s2, *(nan[i] if a is None else a for i, a in enumerate(b[3:7])),
-                      *figures)
+        kept = (nan[i] if a is None else a for i, a in enumerate(b[3:]))
+        return Window(anchor, Sums(b.count, b.s1, b.s2, *kept), *figures)
+    w = window.sums
 
     def plus(a, bb):  # the small sums out of place (numpy reduces to scalars, which have no in-place add)
         return a if bb is None else a + bb
 
-    s2, spare = (b.s2, window.s2) if b.s2_total else (_add_into(window.s2, b.s2, xp), None)
-    return Window(anchor, window.count + b.count, window.s1 + b.s1, s2, plus(window.s3, b.s3),
-                  plus(window.s4, b.s4), plus(window.zd3, b.zd3), plus(window.zd4, b.zd4), *figures, spare)
+    s2, spare = (b.s2, w.s2) if batch.s2_total else (_add_into(w.s2, b.s2, xp), None)
+    sums = Sums(w.count + b.count, w.s1 + b.s1, s2, plus(w.s3, b.s3), plus(w.s4, b.s4), plus(w.zd3, b.zd3),
+                plus(w.zd4, b.zd4))
+    return Window(anchor, sums, *figures, spare)
 
 
 def _to_host_async(a):
@@ -215,7 +220,8 @@ def _writable(a, xp):
 
 def fold(window: Window, xp, fourth: bool, per_feature: bool):
     """``(count, mean, M2, M3, M4, D3, D4)`` of the window's rows, sums about their mean."""
-    n = window.count
-    delta = window.s1 / n
-    sums = (_writable(window.s2, xp), window.s3, window.s4, window.zd3, window.zd4)
+    w = window.sums
+    n = w.count
+    delta = w.s1 / n
+    sums = (_writable(w.s2, xp), w.s3, w.s4, w.zd3, w.zd4)
     return (n, window.anchor + delta, *_unshift(n, delta, *sums, xp, fourth, per_feature))

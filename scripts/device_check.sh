@@ -14,14 +14,16 @@
 # 7. one decode step's attention on reduced value heads, padded fused SDPA vs the grouped path.
 # Each stage has its own time limit, so one slow stage cannot take the others' results with it.
 #
-# Preparing a lent-GPU call from this checkout (the machine has torch, CuPy, transformers, pytest-xdist
-# and hypothesis, but not array-api-compat): put the wheels it lacks in .whl/ and the saved structures'
+# Preparing a lent-GPU call from this checkout (the machine has torch, CuPy, transformers 5.17, pytest-xdist
+# and hypothesis, but not array-api-compat, and lrmath_hf needs transformers >= 5.18): put the wheels it
+# lacks (array-api-compat, transformers) in .whl/ and the saved structures'
 # config.json + manifest.json in .gpu/shapes/ratio-*/ (both ignored via .git/info/exclude), then run
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
 #   bash scripts/device_check.sh $OUT 2>&1 | tee $OUT/run.log
 # carrying .whl and .gpu; render the results with scripts/gpu_report.py and scripts/bench_report.py.
-# The whole default run took about 8 minutes on an H200 (stop 14, in three parts); stage attn (added in
-# stop 19, not yet run on a GPU) is capped at 2 x T_ATTN = 2 minutes.
+# The whole default run took about 8 minutes on an H200 (stop 14, in three parts); in stop 21 the stages
+# proofs, bench, eigh and attn took 3 min 50 s together, and shapes (bfloat16 only, with the compression
+# timing) about 130 s.
 set -u
 OUT=${1:?output folder}
 SHAPES=${2:-.gpu/shapes}

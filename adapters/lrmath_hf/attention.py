@@ -182,23 +182,31 @@ def _padded_value_attention(module: nn.Module, query, key, value, attention_mask
     ``softmax(q k^T) [V, 0] = [softmax(q k^T) V, 0]``, so the first ``r``
     output columns are the reduced attention and the rest are dropped.
 
-    A decode step under SDPA on the CPU (one query token, no dropout) runs
-    :func:`_single_query_attention` instead: padding copies the whole value
-    cache on every step, and the fused kernel gains nothing on one query.
-    ``scripts/decode_attention_paths.py`` on SmolLM2-135M's heads (9 query,
-    3 KV, ``r = 33``), one CPU thread: 49 us against 54 us padded at 96
-    cached tokens, 264 us against 429 us at 2,048, 1,210 us against 2,798 us
-    at 8,192 (the dense layer's SDPA: 37, 340 and 2,069 us).  CUDA keeps the
-    padded path until that script has been run there.
+    A decode step under SDPA (one query token, no dropout) on the CPU, or on
+    CUDA in float32, runs :func:`_single_query_attention` instead: padding
+    copies the whole value cache on every step, and the fused kernel gains
+    nothing on one query. ``scripts/decode_attention_paths.py`` on
+    SmolLM2-135M's heads (9 query, 3 KV, ``r = 33``), one CPU thread: 49 us
+    against 54 us padded at 96 cached tokens, 264 us against 429 us at 2,048,
+    1,210 us against 2,798 us at 8,192 (the dense layer's SDPA: 37, 340 and
+    2,069 us). On an H200 (docs/results-gpu-2026-11-28.md), float32: 67 us
+    against 148-156 us padded from 96 to 2,048 cached tokens, 136 against 155
+    at 8,192; but bfloat16 keeps the padded fused kernel, 47-55 us against
+    82-153 us grouped.
     """
     rank, head_dim = value.shape[-1], query.shape[-1]
-    if (rank < head_dim and query.shape[2] == 1 and implementation == "sdpa" and query.device.type == "cpu"
+    if (rank < head_dim and query.shape[2] == 1 and implementation == "sdpa" and _grouped_decode_pays(query)
             and not kwargs.get("dropout") and all(kwargs.get(name) is None for name in _SDPA_ONLY)):
         return _single_query_attention(query, key, value, attention_mask, kwargs.get("scaling"))
     if rank < head_dim:
         value = torch.nn.functional.pad(value, (0, head_dim - rank))
     output, weights = ALL_ATTENTION_FUNCTIONS[implementation](module, query, key, value, attention_mask, **kwargs)
     return output[..., :rank], weights
+
+
+def _grouped_decode_pays(query) -> bool:
+    """Where the grouped single-query path was measured faster than padded SDPA (see above)."""
+    return query.device.type == "cpu" or (query.device.type == "cuda" and query.dtype == torch.float32)
 
 
 _PADDED_NAMES: dict[str, str] = {}  # model implementation -> its registered padded wrapper

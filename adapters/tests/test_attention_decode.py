@@ -158,3 +158,20 @@ def test_decode_step_property_over_shapes_and_masks():
         assert _rel(got, reference[..., :rank]) < RTOL
 
     check()
+
+
+def test_decode_path_choice_follows_the_measurements():
+    """Grouped on the CPU and on CUDA in float32; the padded fused kernel on CUDA in bfloat16 / float16
+    (scripts/decode_attention_paths.py on an H200, docs/results-gpu-2026-11-28.md)."""
+    from types import SimpleNamespace
+
+    from lrmath_hf.attention import _grouped_decode_pays
+
+    def query(device, dtype):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    assert _grouped_decode_pays(query("cpu", torch.float32)) and _grouped_decode_pays(query("cpu", torch.bfloat16))
+    assert _grouped_decode_pays(query("cuda", torch.float32))
+    assert not _grouped_decode_pays(query("cuda", torch.bfloat16))
+    assert not _grouped_decode_pays(query("cuda", torch.float16))
+    assert not _grouped_decode_pays(query("mps", torch.float32))
