@@ -41,7 +41,8 @@ def eigh(A, xp=None):
     if array_api_compat.is_cupy_namespace(xp) and _batched(A):
         return _checked_or_loop(A, xp, xp.linalg.eigh(A))
     jacobi_pays = _TORCH_BATCHED_MAX_DIM < A.shape[-1] <= _JACOBI_MAX_DIM
-    if is_torch(xp) and A.device.type == "cuda" and _batched(A) and jacobi_pays:
+    # a tensor that requires grad keeps torch's differentiable eigh (DLPack refuses to export it anyway)
+    if is_torch(xp) and A.device.type == "cuda" and not A.requires_grad and _batched(A) and jacobi_pays:
         out = _borrow_cupy(A)
         if out is not None and backward_error_ok(A, *out, xp=xp):
             return out

@@ -92,7 +92,7 @@ def measure(w, anchor, xp, window, *, own: bool, fourth: bool, per_feature: bool
     if fourth:
         r2 = xp.sum(z * z, axis=-1)
         r4 = xp.sum(r2 * r2, axis=-1)  # the batch's fourth sum: an overflow shows here
-    pending = (xp.concat([sz, q, xp.abs(anchor)] + ([r4[..., None]] if fourth else []), axis=-1), None, "sums")
+    pending = (xp.concat([sz, q, xp.abs(anchor)] + ([r4[..., None]] if fourth else []), axis=-1), None)
     if fourth:
         s3 = (r2[..., None, :] @ z)[..., 0, :]
     if per_feature:
@@ -103,15 +103,18 @@ def measure(w, anchor, xp, window, *, own: bool, fourth: bool, per_feature: bool
 
 def _measure_torch(w, anchor, window, own, fourth, per_feature):
     """:func:`measure` in torch calls (a dozen launches, no wrapper layers: the host's time per
-    batch is what bounds a GPU update): one-pass ``var_mean`` for the screen, and the Gram
-    product accumulated straight into the window's spare buffer (``addmm``, no d x d add)."""
+    batch is what bounds a GPU update), the Gram product accumulated straight into the window's
+    spare buffer (``addmm``, no d x d add). The screen's column sums are ``sum`` and a fused
+    column norm: on an H200 at 4,096 x 1,536 float64 those took 11 and 18 us where the one-pass
+    ``var_mean`` took 97 us (``scripts/moments_gpu_profile.py``, docs/data/h200-2026-11-28)."""
     import torch
 
     z = w.sub_(anchor.unsqueeze(-2)) if own else w - anchor.unsqueeze(-2)
     n = z.shape[-2]
-    var, mean = torch.var_mean(z, dim=-2, correction=0)
+    sz = z.sum(-2)
+    q = torch.linalg.vector_norm(z, dim=-2).square_()
     r2 = r4 = s3 = zd3 = zd4 = None
-    parts = [mean, var, anchor.abs()]
+    parts = [sz, q, anchor.abs()]
     if fourth:
         r2 = torch.linalg.vector_norm(z, dim=-1).square_()
         r4 = torch.linalg.vecdot(r2, r2)  # the batch's fourth sum: an overflow shows here
@@ -124,7 +127,7 @@ def _measure_torch(w, anchor, window, own, fourth, per_feature):
         zd3, zd4 = (z2 * z).sum(-2), (z2 * z2).sum(-2)
     zt = z.mT
     if window is None:
-        return Batch(Sums(n, mean * n, zt @ z, s3, r4, zd3, zd4)), pending
+        return Batch(Sums(n, sz, zt @ z, s3, r4, zd3, zd4)), pending
     spare = window.spare
     if spare is None or (spare.is_inference() and not torch.is_inference_mode_enabled()):
         spare = torch.empty_like(window.sums.s2)
@@ -133,7 +136,7 @@ def _measure_torch(w, anchor, window, own, fourth, per_feature):
     else:
         torch.baddbmm(window.sums.s2.flatten(0, -3), zt.flatten(0, -3), z.flatten(0, -3),
                       out=spare.flatten(0, -3))
-    return Batch(Sums(n, mean * n, spare, s3, r4, zd3, zd4), s2_total=True), pending
+    return Batch(Sums(n, sz, spare, s3, r4, zd3, zd4), s2_total=True), pending
 
 
 def screen(pending, n: int, d: int, window):
@@ -143,16 +146,12 @@ def screen(pending, n: int, d: int, window):
     rows' spread about their batch means, ``sum (z^2) - sum n_b e_b^2``: the bound the fold needs.
     """
     host = _host_values(pending)
-    if not np.isfinite(host).all():
-        return "nonfinite", None
-    first, second, c = host[..., :d], host[..., d:2 * d], host[..., 2 * d:3 * d]
-    if pending[2] == "sums":  # sum z, sum z^2
-        offset, square = first * first / n, second
-    else:  # mean and variance of z
-        offset = n * first * first
-        square = n * second + offset
+    sz, square, c = host[..., :d], host[..., d:2 * d], host[..., 2 * d:3 * d]  # sum z, sum z^2, |anchor|
+    if not (np.isfinite(sz).all() and np.isfinite(c).all() and np.isfinite(host[..., 3 * d:]).all()):
+        return "nonfinite", None  # NaN / Inf in x, or (order 4) its fourth sum overflows
     if not np.isfinite(square).all():  # sum z^2 about the anchor overflows: the exact path decides
         return "drift", None
+    offset = sz * sz / n
     rows = n
     if window is not None:
         offset, square, rows = offset + window.offset, square + window.square, rows + window.count
@@ -174,14 +173,18 @@ def add(window, anchor, batch: Batch, figures, xp) -> Window:
     def plus(a, bb):  # the small sums out of place (numpy reduces to scalars, which have no in-place add)
         return a if bb is None else a + bb
 
-    s2, spare = (b.s2, w.s2) if batch.s2_total else (_add_into(w.s2, b.s2, xp), None)
+    if batch.s2_total:  # torch: the total is in what was the spare buffer, and the old sum becomes it
+        s2, spare = b.s2, w.s2
+    else:  # numpy / cupy: the window's own d x d array, updated in place
+        s2, spare = w.s2, None
+        s2 += b.s2
     sums = Sums(w.count + b.count, w.s1 + b.s1, s2, plus(w.s3, b.s3), plus(w.s4, b.s4), plus(w.zd3, b.zd3),
                 plus(w.zd4, b.zd4))
     return Window(anchor, sums, *figures, spare)
 
 
 def _to_host_async(a):
-    """``(array, event, "moments")``: a torch tensor's copy to the host, asynchronous on CUDA."""
+    """``(array, event)``: a torch tensor's copy to the host, asynchronous on CUDA."""
     if a.device.type == "cuda":
         import torch
 
@@ -189,23 +192,16 @@ def _to_host_async(a):
         host.copy_(a, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return host, done, "moments"
-    return a, None, "moments"
+        return host, done
+    return a, None
 
 
 def _host_values(pending) -> np.ndarray:
-    a, done, _ = pending
+    a, done = pending
     if done is not None:
         done.synchronize()  # waits for the copy, not for work queued after it
         return a.numpy()
     return to_numpy(a)
-
-
-def _add_into(s2, g, xp):
-    """``s2 + g`` for the window's d x d sum, in place where that is allowed."""
-    s2 = _writable(s2, xp)
-    s2 += g
-    return s2
 
 
 def _writable(a, xp):
