@@ -175,10 +175,11 @@ def _low_precision_sums(x, xp, work, per_feature=True, fourth=True):
     c = xp.astype(mean, x.dtype)
     z = x - c[..., None, :]
     delta = mean - xp.astype(c, work)
+    z2 = xp.astype(gram(z, xp), work)  # a fresh float64 copy, which _unshift updates in place
     if not fourth:
-        return (mean, *_unshift(n, delta, xp.astype(gram(z, xp), work), None, None, None, None, xp, fourth=False))
+        return (mean, *_unshift(n, delta, z2, None, None, None, None, xp, fourth=False))
     sums = (xp.astype(a, work) for a in _vector_sums(z, xp, per_feature))
-    return (mean, *_unshift(n, delta, xp.astype(gram(z, xp), work), *sums, xp, per_feature=per_feature))  # fresh copy
+    return (mean, *_unshift(n, delta, z2, *sums, xp, per_feature=per_feature))
 
 
 def _shift(count, m2, m3, m4, d, xp, m2d=None):
