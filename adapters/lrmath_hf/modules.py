@@ -245,8 +245,13 @@ class HeadwiseProjection(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        latent = nn.functional.linear(x, self.right).unflatten(-1, (self.num_heads, self.rank))
-        heads = torch.einsum("...hr,hdr->...hd", latent, self.expansion).flatten(-2)
+        latent = nn.functional.linear(x, self.right)
+        lead = latent.shape[:-1]
+        # one product batched over heads, (h, tokens, r) @ (h, r, d_h): one CPU thread, 9 heads of
+        # r = 32: 22 us against einsum's 37 us for one decode token, 362 against 383 us for 512;
+        # greedy decode of a flat (qk=True) SmolLM2 1.048x faster (scripts/headwise_forward_ab.py)
+        per_head = latent.reshape(-1, self.num_heads, self.rank).transpose(0, 1)
+        heads = torch.bmm(per_head, self.expansion.mT).transpose(0, 1).reshape(*lead, self.num_heads * self.head_dim)
         return heads if self.bias is None else heads + self.bias
 
     def extra_repr(self) -> str:

@@ -93,6 +93,12 @@ def test_headwise_projection_matches_per_head_formula_and_q_proj_layout():
     assert module.out_features == heads * head_dim
     assert count_parameters(module) == heads * rank * (width + head_dim) + heads * head_dim
     assert module.manifest_entry()["kind"] == "headwise"
+    # any leading shape: one vector, one decode token, no tokens at all
+    for lead in [(), (1, 1), (3, 0)]:
+        xs = rng.standard_normal(lead + (width,))
+        got = module(torch.as_tensor(xs))
+        assert got.shape == lead + (heads * head_dim,)
+        assert got.numel() == 0 or _close(got, torch.as_tensor(xs @ dense.T + bias))
 
 
 def test_headwise_full_rank_pca_reproduces_q_proj_in_model():
