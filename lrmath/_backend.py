@@ -188,10 +188,7 @@ def cholesky_each(A, xp=None):
         except Exception:  # numpy.linalg.LinAlgError and friends: find the failing matrices
             if A.ndim == 2:
                 return xp.zeros_like(A), xp.asarray(False, device=device_of(A))
-            flat = xp.reshape(A, (-1, *A.shape[-2:]))
-            parts = [cholesky_each(flat[i, ...], xp) for i in range(flat.shape[0])]
-            L = xp.reshape(xp.stack([p[0] for p in parts]), A.shape)
-            ok = xp.reshape(xp.stack([p[1] for p in parts]), A.shape[:-2])
+            L, ok = each_matrix(lambda a: cholesky_each(a, xp), A, xp)
     diag = xp.linalg.diagonal(L)
     # numpy and torch report a failed factorisation, and a finite input then gives a finite factor:
     # its diagonal is the check; other libraries (cupy) may return NaN silently, so every entry is
@@ -200,6 +197,14 @@ def cholesky_each(A, xp=None):
     else:
         finite = xp.all(xp.isfinite(L), axis=(-2, -1))
     return L, ok & xp.all(diag > 0, axis=-1) & finite
+
+
+def each_matrix(fn, A, xp):
+    """``fn`` on every matrix of a batch ``A`` (..., m, n), one call each; its outputs (a tuple of
+    arrays) stacked back under ``A``'s batch shape."""
+    flat = xp.reshape(A, (-1, *A.shape[-2:]))
+    parts = [fn(flat[i, ...]) for i in range(flat.shape[0])]
+    return tuple(xp.reshape(xp.stack(list(out)), A.shape[:-2] + tuple(out[0].shape)) for out in zip(*parts))
 
 
 def _host_blas(xp, *arrays) -> bool:

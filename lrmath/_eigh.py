@@ -18,7 +18,7 @@ import warnings
 
 import array_api_compat
 
-from ._backend import is_torch, namespace
+from ._backend import each_matrix, is_torch, namespace
 from ._validation import dtype_eps
 
 __all__ = ["eigh", "backward_error_ok"]
@@ -79,11 +79,7 @@ def _checked_or_loop(A, xp, out):
     """CuPy's batched (Jacobi) answer if it passes the check, else one ``syevd`` call per matrix."""
     if backward_error_ok(A, *out, xp=xp):
         return out
-    flat = xp.reshape(A, (-1, *A.shape[-2:]))
-    parts = [xp.linalg.eigh(flat[i, ...]) for i in range(flat.shape[0])]
-    w = xp.reshape(xp.stack([p[0] for p in parts]), A.shape[:-1])
-    V = xp.reshape(xp.stack([p[1] for p in parts]), A.shape)
-    return w, V
+    return each_matrix(xp.linalg.eigh, A, xp)
 
 
 def _borrow_cupy(A):

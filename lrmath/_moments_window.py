@@ -87,16 +87,16 @@ def measure(w, anchor, xp, window, *, own: bool, fourth: bool, per_feature: bool
     else:
         z = w - anchor[..., None, :]
     sz = xp.sum(z, axis=-2)
-    q = xp.sum(z * z, axis=-2)
+    z2 = z * z  # the squares, once: column sums, row sums and the per-feature powers all read them
+    q = xp.sum(z2, axis=-2)
     r2 = r4 = s3 = zd3 = zd4 = None
     if fourth:
-        r2 = xp.sum(z * z, axis=-1)
+        r2 = xp.sum(z2, axis=-1)
         r4 = xp.sum(r2 * r2, axis=-1)  # the batch's fourth sum: an overflow shows here
     pending = (xp.concat([sz, q, xp.abs(anchor)] + ([r4[..., None]] if fourth else []), axis=-1), None)
     if fourth:
         s3 = (r2[..., None, :] @ z)[..., 0, :]
     if per_feature:
-        z2 = z * z
         zd3, zd4 = xp.sum(z2 * z, axis=-2), xp.sum(z2 * z2, axis=-2)
     return Batch(Sums(z.shape[-2], sz, xp.matrix_transpose(z) @ z, s3, r4, zd3, zd4)), pending
 
@@ -129,7 +129,7 @@ def _measure_torch(w, anchor, window, own, fourth, per_feature):
     if window is None:
         return Batch(Sums(n, sz, zt @ z, s3, r4, zd3, zd4)), pending
     spare = window.spare
-    if spare is None or (spare.is_inference() and not torch.is_inference_mode_enabled()):
+    if spare is None or _refuses_in_place(spare):
         spare = torch.empty_like(window.sums.s2)
     if z.ndim == 2:
         torch.addmm(window.sums.s2, zt, z, out=spare)
@@ -204,14 +204,16 @@ def _host_values(pending) -> np.ndarray:
     return to_numpy(a)
 
 
-def _writable(a, xp):
-    """``a``, or a copy where an in-place update is refused (a torch inference tensor outside inference mode)."""
-    if is_torch(xp):
-        import torch
+def _refuses_in_place(a) -> bool:
+    """A torch inference tensor outside inference mode: an in-place update (``out=`` too) raises."""
+    import torch
 
-        if a.is_inference() and not torch.is_inference_mode_enabled():
-            return a.clone()
-    return a
+    return a.is_inference() and not torch.is_inference_mode_enabled()
+
+
+def _writable(a, xp):
+    """``a``, or a copy where an in-place update is refused (:func:`_refuses_in_place`)."""
+    return a.clone() if is_torch(xp) and _refuses_in_place(a) else a
 
 
 def fold(window: Window, xp, fourth: bool, per_feature: bool):

@@ -17,6 +17,7 @@ from ._validation import check_array, check_finite, check_int
 
 __all__ = ["FORMAT_VERSION", "Moments", "PowerSums", "state_shapes"]
 
+
 def _no_grad(xp):
     """Statistics carry no gradient (and an in-place update refuses tensors that require one)."""
     if is_torch(xp):
@@ -352,9 +353,10 @@ class Moments:
         """The sums about the mean; a pending window of device batches is folded in first."""
         if self._window is not None:
             win, self._window = self._window, None
-            part = window.fold(win, namespace(win.anchor), self.order == 4, self.per_feature)
+            xp = namespace(win.anchor)
+            part = window.fold(win, xp, self.order == 4, self.per_feature)
             self._count -= part[0]
-            self._absorb(part[0], part[1:], namespace(win.anchor))
+            self._absorb(part[0], part[1:], xp)
         return self._central
 
     @_state.setter

@@ -79,10 +79,7 @@ def _shapes(data: dict) -> list[str]:
                        f"{'-' if name == 'dense' else f'{goal:.2f}x'} | " + " | ".join(cells) + f" | {peak_text} |")
         out.append("")
     if "compress" in data:
-        c = data["compress"]
-        out += [f"Calibration + compression (`{c['recipe']}`, ratio {c['ratio']}, {c['windows']} x {c['seq_len']} "
-                f"tokens): {c['compress_s']:.2f} s against {c['dense_forward_s']:.3f} s for the dense forward "
-                f"over the same tokens ({c['compress_over_forward']:.1f}x).", ""]
+        out += _compress(data["compress"])
     else:
         out += ["Calibration + compression time on the GPU: not in this run.", ""]
     return out

@@ -12,10 +12,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from eigh_paths import median_time  # scripts/ is on the path when this file runs
 
 import lrmath
 
@@ -44,18 +43,8 @@ def main(argv=None) -> int:
                 acc.update(part)
             return acc.mean
 
-        times = {}
-        for name, fn in (("gram", gram), ("moments", moments)):
-            for _ in range(3):
-                fn()
-            out = []
-            for _ in range(args.rounds):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                torch.cuda.synchronize()
-                out.append(time.perf_counter() - t0)
-            times[name] = statistics.median(out)
+        times = {name: median_time(fn, torch.cuda.synchronize, rounds=args.rounds)
+                 for name, fn in (("gram", gram), ("moments", moments))}
         print(f"p={p}: G += X^T X {times['gram'] * 1e3:.2f} ms, Moments.update {times['moments'] * 1e3:.2f} ms "
               f"({times['gram'] / times['moments']:.2f}x the throughput), per update "
               f"{times['moments'] / len(chunks) * 1e6:.0f} us", flush=True)
