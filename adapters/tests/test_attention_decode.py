@@ -110,6 +110,32 @@ def test_left_padded_batch_generate_with_reduced_values_matches_recomputation(ar
     assert torch.equal(generated.sequences, sequence)
 
 
+@pytest.mark.skipif("sdpa" not in IMPLEMENTATIONS, reason="this transformers has no SDPA attention")
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per-head"])
+def test_decode_step_on_reduced_values_is_differentiable(mask_kind):
+    """Under autograd the grouped path (in-place mask and scale included) has SDPA's gradients on padded values."""
+    from types import SimpleNamespace
+
+    from lrmath_hf.attention import _single_query_attention
+
+    rank = 3
+    query, key, value, keep = _decode_inputs(6, 2, rank)
+    mask = _decode_masks(keep, 6)[mask_kind]
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    weights = torch.randn(2, 1, 6, rank, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def gradients(attend):
+        inputs = [t.clone().requires_grad_() for t in (query, key, value)]
+        (attend(*inputs) * weights).sum().backward()
+        return [t.grad for t in inputs]
+
+    got = gradients(lambda q, k, v: _single_query_attention(q, k, v, mask, 0.3)[0])
+    reference = gradients(lambda q, k, v: ALL_ATTENTION_FUNCTIONS["sdpa"](
+        module, q, k, torch.nn.functional.pad(v, (0, q.shape[-1] - rank)), mask, scaling=0.3)[0][..., :rank])
+    for g, r in zip(got, reference):
+        assert _rel(g, r) < RTOL
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
