@@ -20,12 +20,14 @@ with ``hidden_shape = (*input_shape, -1, self.head_dim)``; everything after
 that line already accepts a value dim different from the key dim (the
 caches store ``value_states.shape[-1]``, eager attention is two matmuls and
 the SDPA integration reshapes its output with ``value.shape[-1]``).  So the
-only piece changed is that one reshape: a forward hook on ``v_proj`` tags its
-output as :class:`ValueHeads`, a tensor whose head split ``view(..., -1, d_h)``
+only piece changed is that one reshape: ``v_proj``'s forward is wrapped to tag
+its output as :class:`ValueHeads`, a tensor whose head split ``view(..., -1, d_h)``
 yields ``(..., G, r)`` heads instead.  Any other operation on the tagged tensor
-returns a plain tensor.  A forward pre-hook on the attention module re-installs
-the tag if ``v_proj`` is replaced later.  No decoder code is copied; the full-rank
-tests compare against the unmodified model.
+returns a plain tensor.  The attention module's forward is wrapped too, to
+re-install the tag if ``v_proj`` is replaced later.  Both are instance
+``forward`` attributes rather than hooks (:func:`_wrap_forward` says why).
+No decoder code is copied; the full-rank tests compare against the unmodified
+model.
 
 Fused kernels (SDPA's flash path on CPU and CUDA, FlashAttention) need one
 head dim for queries, keys and values, so with ``r < d_h`` SDPA silently falls
@@ -103,44 +105,74 @@ class ValueHeads(torch.Tensor):
         return self._split(torch.Tensor.reshape, args)
 
 
-def _tag_value_heads(module: nn.Module, args: Any, output: torch.Tensor, *, heads: tuple[int, int, int]):
-    # Forward hook on v_proj: the attention's head split will see r-dim heads.
+def _run_inner(module: nn.Module, inner: Any, args: tuple, kwargs: dict) -> Any:
+    # The forward a wrapper replaced: an instance forward it found, else the class's.
+    return inner(*args, **kwargs) if inner is not None else type(module).forward(module, *args, **kwargs)
+
+
+def _tagging_forward(v_proj: nn.Module, *args: Any, heads: tuple[int, int, int], inner: Any, **kwargs: Any):
+    # v_proj's forward while its attention runs r-dim value heads: the head split will see them.
+    output = _run_inner(v_proj, inner, args, kwargs)
+    tag = v_proj.__dict__.get(_TAG)
+    if tag is None or tag[1] != heads:  # left inside a foreign wrapper after the tag was removed
+        return output
     tagged = output.as_subclass(ValueHeads)
     tagged._lrmath_heads = heads
     return tagged
 
 
-def _is_tag_hook(hook: Any) -> bool:
-    return isinstance(hook, functools.partial) and hook.func is _tag_value_heads
+def _reduced_forward(attn: nn.Module, *args: Any, inner: Any, **kwargs: Any):
+    # The attention's forward with reduced value heads: (re)tag v_proj, then the forward itself.
+    _ensure_value_tag(attn)
+    return _run_inner(attn, inner, args, kwargs)
 
 
-_TAG = "_lrmath_value_tag"  # on v_proj: (hook id, heads) of the tag hook it carries
+def _wrap_forward(module: nn.Module, wrapper: Any, **keywords: Any) -> functools.partial:
+    """Make ``wrapper`` the instance ``forward`` of ``module``, around the forward it had.
+
+    An instance ``forward`` (not a forward hook): a module with hooks takes
+    ``nn.Module``'s slow call path, which cost about 1 % of a SmolLM2-135M
+    decode step at ``auto`` 50 % (27 reduced layers, one CPU thread).  A
+    forward already installed on the instance (accelerate's, say) is kept
+    inside and called.
+    """
+    forward = functools.partial(wrapper, module, inner=module.__dict__.get("forward"), **keywords)
+    module.forward = forward
+    return forward
 
 
-def _ensure_value_tag(attn: nn.Module, args: Any) -> None:
-    # Forward pre-hook on the attention module: (re)install the v_proj tag.
-    # Runs every forward, so the common case is one dict lookup and a compare.
+def _unwrap_forward(module: nn.Module, wrapper: Any) -> None:
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is wrapper:
+        inner = forward.keywords["inner"]
+        if inner is None:
+            del module.forward
+        else:
+            module.forward = inner
+
+
+_TAG = "_lrmath_value_tag"  # on v_proj: (its tagging forward, heads)
+
+
+def _ensure_value_tag(attn: nn.Module) -> None:
+    # Runs every forward of a reduced attention, so the common case is a few dict lookups.
     v_proj = attn.v_proj
     value_dim = attn.value_head_dim
     heads = (v_proj.out_features // value_dim, value_dim, attn.head_dim)
     tag = v_proj.__dict__.get(_TAG)
-    if tag is not None and tag[1] == heads and tag[0] in v_proj._forward_hooks:
+    if tag is not None and tag[1] == heads and v_proj.__dict__.get("forward") is tag[0]:
         return
     _remove_tag(v_proj)
-    handle = v_proj.register_forward_hook(functools.partial(_tag_value_heads, heads=heads))
-    v_proj.__dict__[_TAG] = (handle.id, heads)
+    v_proj.__dict__[_TAG] = (_wrap_forward(v_proj, _tagging_forward, heads=heads), heads)
 
 
 def _remove_tag(v_proj: nn.Module) -> None:
-    hooks = v_proj._forward_hooks
-    for key in [k for k, hook in hooks.items() if _is_tag_hook(hook)]:
-        del hooks[key]
+    _unwrap_forward(v_proj, _tagging_forward)
     v_proj.__dict__.pop(_TAG, None)
 
 
-def _remove_hooks(attn: nn.Module) -> None:
-    for key in [k for k, hook in attn._forward_pre_hooks.items() if hook is _ensure_value_tag]:
-        del attn._forward_pre_hooks[key]
+def _remove_wrappers(attn: nn.Module) -> None:
+    _unwrap_forward(attn, _reduced_forward)
     _remove_tag(attn.v_proj)
 
 
@@ -299,7 +331,7 @@ def set_value_head_dim(attn_module: nn.Module, value_head_dim: int) -> None:
 
     Notes
     -----
-    Sets the attribute ``value_head_dim``, installs the hooks described in
+    Sets the attribute ``value_head_dim``, installs the forward wrappers described in
     the module docstring and the config view that keeps fused attention.
     Idempotent.  :func:`fold_value_output` calls it; call it directly only
     when rebuilding a reduced model from its parts.
@@ -316,7 +348,7 @@ def set_value_head_dim(attn_module: nn.Module, value_head_dim: int) -> None:
             f"v_proj emits {v_out} and o_proj reads {o_in} features: not whole heads of {value_head_dim} "
             f"({num_kv_heads} value heads, {num_heads} query heads)"
         )
-    _remove_hooks(attn_module)
+    _remove_wrappers(attn_module)
     if isinstance(attn_module.config, _ValueConfig):
         attn_module.config = attn_module.config._lrmath_config
     if value_head_dim == head_dim:
@@ -325,8 +357,8 @@ def set_value_head_dim(attn_module: nn.Module, value_head_dim: int) -> None:
         return
     attn_module.value_head_dim = value_head_dim
     attn_module.config = _ValueConfig(attn_module.config)
-    attn_module.register_forward_pre_hook(_ensure_value_tag)
-    _ensure_value_tag(attn_module, ())
+    _wrap_forward(attn_module, _reduced_forward)
+    _ensure_value_tag(attn_module)
 
 
 def fold_value_output(attn_module: nn.Module, spec: ArchSpec, bases: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -178,6 +179,52 @@ def test_replacing_v_proj_after_fold_keeps_reduced_heads():
     assert torch.equal(copied(ids).logits, reference)
 
 
+def test_forwards_installed_before_the_fold_are_kept_and_restored():
+    """An instance forward already on the attention or v_proj (accelerate installs such) keeps running
+    inside the wrappers, and is what remains when they are removed."""
+    from lrmath_hf.attention import _remove_wrappers
+
+    model = tiny_model("llama")
+    ids = token_batch()
+    reference = copy.deepcopy(model)
+    _fold_all(reference, rank=4)
+    expected = reference(ids).logits
+    attn = get_attention(model, 0)
+    calls = []
+
+    def counting(module):
+        forward = module.forward
+
+        def wrapper(*args, **kwargs):
+            calls.append(module)
+            return forward(*args, **kwargs)
+        module.forward = wrapper
+        return wrapper
+
+    attn_forward = counting(attn)
+    _fold_all(model, rank=4)  # fold replaces v_proj: wrap the new one's forward too
+    v_forward = counting(attn.v_proj)
+    set_value_head_dim(attn, 4)  # re-installs around both
+    assert torch.equal(model(ids).logits, expected)
+    assert calls == [attn, attn.v_proj]
+    _remove_wrappers(attn)  # what set_value_head_dim does first
+    assert vars(attn)["forward"] is attn_forward and vars(attn.v_proj)["forward"] is v_forward
+    # The tagging forward left inside v_forward (installed above it by the fold) no longer tags.
+    assert type(attn.v_proj(torch.randn(2, attn.v_proj.in_features, dtype=torch.float64))) is torch.Tensor
+
+
+def test_reduced_model_survives_pickling():
+    """The wrappers are partials of module-level functions: a pickled model reloads and runs."""
+    model = tiny_model("qwen2")
+    ids = token_batch()
+    _fold_all(model, rank=3)
+    expected = model(ids).logits
+    copied = pickle.loads(pickle.dumps(model))
+    assert torch.equal(copied(ids).logits, expected)
+    attn = get_attention(copied, 0)
+    assert vars(attn.v_proj)["forward"].args[0] is attn.v_proj and vars(attn)["forward"].args[0] is attn
+
+
 def _attention_ops(model, ids):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(ids)
@@ -218,15 +265,18 @@ def test_reduced_attention_follows_the_model_config():
     assert copied.model.layers[0].self_attn.config._lrmath_config is copied.config
 
 
-def test_set_value_head_dim_back_to_full_removes_hooks():
+def test_set_value_head_dim_back_to_full_removes_the_wrappers():
     model = tiny_model("llama")
     attn = get_attention(model, 0)
     set_value_head_dim(attn, attn.head_dim)
-    assert not attn._forward_pre_hooks and not attn.v_proj._forward_hooks
+    assert "forward" not in vars(attn) and "forward" not in vars(attn.v_proj)
     assert attn.config is model.config
     spec = get_spec(model)
     fold_value_output(attn, spec, _orthogonal_bases(spec, 6, 0))
-    assert attn._forward_pre_hooks and get_value_head_dim(attn) == 6
+    assert "forward" in vars(attn) and "forward" in vars(attn.v_proj) and get_value_head_dim(attn) == 6
+    assert not attn._forward_pre_hooks and not attn.v_proj._forward_hooks  # no hooks: nn.Module's fast path
+    set_value_head_dim(attn, 6)  # idempotent: one wrapper each, not two
+    assert vars(attn)["forward"].keywords["inner"] is None and vars(attn.v_proj)["forward"].keywords["inner"] is None
     with pytest.raises(ValueError, match="whole heads"):
         set_value_head_dim(attn, 4)  # v_proj emits 2*6 features, not heads of 4
     with pytest.raises(ValueError, match="outside"):
