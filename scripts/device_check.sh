@@ -24,6 +24,10 @@
 # The whole default run took about 8 minutes on an H200 (stop 14, in three parts); in stop 21 the stages
 # proofs, bench, eigh and attn took 3 min 50 s together, and shapes (bfloat16 only, with the compression
 # timing) about 130 s.
+# Next call (stop 22 had no GPU): STAGES="attn bench shapes" SHAPES_DTYPES=float32 measures what changed
+# since the H200 run: the bmm form of the grouped decode attention (stage attn, both dtypes: does bfloat16
+# still prefer the padded kernel, as _grouped_decode_pays assumes?), Moments.update's sum + column norm,
+# and the float32 grouped decode and the compression time end to end.
 set -u
 OUT=${1:?output folder}
 SHAPES=${2:-.gpu/shapes}
