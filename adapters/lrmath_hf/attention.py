@@ -113,8 +113,9 @@ def _run_inner(module: nn.Module, inner: Any, args: tuple, kwargs: dict) -> Any:
 def _tagging_forward(v_proj: nn.Module, *args: Any, heads: tuple[int, int, int], inner: Any, **kwargs: Any):
     # v_proj's forward while its attention runs r-dim value heads: the head split will see them.
     output = _run_inner(v_proj, inner, args, kwargs)
-    tag = v_proj.__dict__.get(_TAG)
-    if tag is None or tag[1] != heads:  # left inside a foreign wrapper after the tag was removed
+    # Left inside a foreign wrapper after the tag was removed: no longer tags. (After a re-tag
+    # the outermost tagging forward runs last, so its heads are the ones the output keeps.)
+    if _TAG not in v_proj.__dict__:
         return output
     tagged = output.as_subclass(ValueHeads)
     tagged._lrmath_heads = heads
@@ -152,7 +153,7 @@ def _unwrap_forward(module: nn.Module, wrapper: Any) -> None:
             module.forward = inner
 
 
-_TAG = "_lrmath_value_tag"  # on v_proj: (its tagging forward, heads)
+_TAG = "_lrmath_value_tag"  # on v_proj: its current tagging forward (the partial, which holds the heads)
 
 
 def _ensure_value_tag(attn: nn.Module) -> None:
@@ -161,10 +162,10 @@ def _ensure_value_tag(attn: nn.Module) -> None:
     value_dim = attn.value_head_dim
     heads = (v_proj.out_features // value_dim, value_dim, attn.head_dim)
     tag = v_proj.__dict__.get(_TAG)
-    if tag is not None and tag[1] == heads and v_proj.__dict__.get("forward") is tag[0]:
+    if tag is not None and v_proj.__dict__.get("forward") is tag and tag.keywords["heads"] == heads:
         return
     _remove_tag(v_proj)
-    v_proj.__dict__[_TAG] = (_wrap_forward(v_proj, _tagging_forward, heads=heads), heads)
+    v_proj.__dict__[_TAG] = _wrap_forward(v_proj, _tagging_forward, heads=heads)
 
 
 def _remove_tag(v_proj: nn.Module) -> None:
