@@ -1,7 +1,7 @@
 """One decode step's attention on reduced value heads: padded fused SDPA vs the unpadded grouped path.
 
 A layer whose value heads FLAT reduced to ``r < d_h`` caches ``r``-dim values. For one query
-token, :mod:`lrmath_hf.attention` can either zero-pad the whole value cache to ``d_h`` and call
+token, :mod:`lrmath_hf._value_attention` can either zero-pad the whole value cache to ``d_h`` and call
 the model's SDPA (the fused kernel), or attend on the ``r``-dim values directly, the query
 heads grouped by KV head (``_single_query_attention``). This script times both, and the dense
 layer's SDPA on ``d_h``-dim values, at several cache lengths, on the CPU (one thread) or a CUDA
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from lrmath_hf.attention import _single_query_attention
+    from lrmath_hf._value_attention import _single_query_attention
 
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -1,6 +1,6 @@
 """Decode steps on reduced value heads: one query token attends on the ``r``-dim value cache as it is.
 
-The grouped single-query path of :mod:`lrmath_hf.attention` must compute what SDPA computes on
+The grouped single-query path of :mod:`lrmath_hf._value_attention` must compute what SDPA computes on
 the values zero-padded to ``d_h`` (the prefill path), for every head layout and mask SDPA takes.
 """
 
@@ -41,7 +41,7 @@ def test_decode_step_on_reduced_values_equals_the_padded_kernel(heads, groups, m
     """One query token: the unpadded grouped path computes what SDPA computes on padded values."""
     from types import SimpleNamespace
 
-    from lrmath_hf.attention import _padded_value_attention
+    from lrmath_hf._value_attention import _padded_value_attention
 
     rank = 3
     query, key, value, keep = _decode_inputs(heads, groups, rank)
@@ -62,7 +62,7 @@ def test_decode_step_on_reduced_values_equals_the_padded_kernel(heads, groups, m
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_step_on_reduced_values_in_low_precision(dtype):
     """Half-precision inputs take the softmax in float32, as SDPA's math does."""
-    from lrmath_hf.attention import _single_query_attention
+    from lrmath_hf._value_attention import _single_query_attention
 
     query, key, value, keep = _decode_inputs(4, 2, 3, length=40, dtype=dtype)
     exact, _ = _single_query_attention(query.double(), key.double(), value.double(), keep, None)
@@ -116,7 +116,7 @@ def test_decode_step_on_reduced_values_is_differentiable(mask_kind):
     """Under autograd the grouped path (in-place mask and scale included) has SDPA's gradients on padded values."""
     from types import SimpleNamespace
 
-    from lrmath_hf.attention import _single_query_attention
+    from lrmath_hf._value_attention import _single_query_attention
 
     rank = 3
     query, key, value, keep = _decode_inputs(6, 2, rank)
@@ -143,7 +143,7 @@ def test_decode_step_on_reduced_values_on_cuda(dtype):
     """The grouped single-query path computes SDPA's padded result on a CUDA device too."""
     from types import SimpleNamespace
 
-    from lrmath_hf.attention import _single_query_attention
+    from lrmath_hf._value_attention import _single_query_attention
 
     query, key, value, keep = (t.cuda() for t in _decode_inputs(8, 2, 5, length=300, dtype=dtype))
     module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
@@ -162,7 +162,7 @@ def test_decode_step_property_over_shapes_and_masks():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from lrmath_hf.attention import _single_query_attention
+    from lrmath_hf._value_attention import _single_query_attention
 
     @settings(max_examples=60, derandomize=True, deadline=None, database=None)
     @given(batch=st.integers(1, 3), groups=st.integers(1, 3), per_group=st.integers(1, 4),
@@ -191,7 +191,7 @@ def test_decode_path_choice_follows_the_measurements():
     (scripts/decode_attention_paths.py on an H200, docs/results-gpu-2026-11-28.md)."""
     from types import SimpleNamespace
 
-    from lrmath_hf.attention import _grouped_decode_pays
+    from lrmath_hf._value_attention import _grouped_decode_pays
 
     def query(device, dtype):
         return SimpleNamespace(device=torch.device(device), dtype=dtype)
