@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,29 @@ def _lscpu() -> dict:
     return fields
 
 
+def cpu_caches(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
+    """CPU 0's caches as the kernel lists them: ``{"L1d": bytes, "L1i": ..., "L2": ..., "L3": ...}``.
+
+    Each entry is one cache (an L3 shared by all cores is counted once); empty
+    where sysfs has no cache description.
+    """
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    caches = {}
+    for index in sorted(Path(root).glob("index[0-9]*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        scale = units.get(size[-1:], 1)
+        digits = size[:-1] if size[-1:] in units else size
+        if digits.isdigit():
+            caches[f"L{level}{suffix}"] = int(digits) * scale
+    return caches
+
+
 def _memory_gib() -> float | None:
     try:
         with open("/proc/meminfo") as fh:
@@ -195,6 +219,7 @@ def machine_facts() -> dict:
         "sockets": lscpu.get("Socket(s)"),
         "hypervisor": lscpu.get("Hypervisor vendor"),
         "memory_gib": _memory_gib(),
+        "caches": cpu_caches(),
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "bench_threads": THREADS,
         "full_mode": FULL,

@@ -115,3 +115,27 @@ def test_e2e_page_is_generated_from_the_committed_run(tmp_path, monkeypatch, nam
     out = tmp_path / "page.md"
     report.main([source, "-o", str(out), "--title", page.splitlines()[0].removeprefix("# "), "--command", command])
     assert out.read_text(encoding="utf-8") == page
+
+
+def test_cpu_caches_reads_one_entry_per_cache_from_sysfs(tmp_path):
+    for index, (level, kind, size) in enumerate([("1", "Data", "32K"), ("1", "Instruction", "32K"),
+                                                 ("2", "Unified", "512K"), ("3", "Unified", "16384K")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(value + "\n")
+    caches = _harness.cpu_caches(str(tmp_path))
+    assert caches == {"L1d": 32 << 10, "L1i": 32 << 10, "L2": 512 << 10, "L3": 16 << 20}
+    assert _harness.cpu_caches(str(tmp_path / "missing")) == {}
+
+
+def test_report_prints_sysfs_caches_and_marks_py_cpuinfo_figures(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    sys.modules.pop("bench_report", None)
+    import bench_report
+
+    facts = {"caches": {"L1d": 32 << 10, "L2": 512 << 10, "L3": 16 << 20}}
+    assert bench_report.caches_text(facts, {}) == "32 KiB / 512 KiB / 16 MiB (sysfs, CPU 0)"
+    # an older run without the sysfs record: py-cpuinfo's sums are shown, and said to be unchecked
+    cpu = {"l1_data_cache_size": 64 << 10, "l2_cache_size": 1 << 20, "l3_cache_size": 512 << 10}
+    assert bench_report.caches_text({}, cpu) == "64 KiB / 1 MiB / 512 KiB (py-cpuinfo's figures, not checked)"

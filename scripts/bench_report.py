@@ -48,6 +48,22 @@ def source_text(facts: dict) -> str:
     return text
 
 
+def _size_text(nbytes) -> str:
+    if not isinstance(nbytes, int):
+        return "?"
+    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 and nbytes % (1 << 20) == 0 else f"{nbytes >> 10} KiB"
+
+
+def caches_text(facts: dict, cpu: dict) -> str:
+    """One core's caches: from sysfs where the run recorded it, else py-cpuinfo's figures, marked."""
+    caches = facts.get("caches")
+    if caches:
+        return " / ".join(_size_text(caches.get(k)) for k in ("L1d", "L2", "L3")) + " (sysfs, CPU 0)"
+    # runs before the sysfs record: py-cpuinfo's sizes, which can sum or misread caches on a VM
+    sizes = " / ".join(_size_text(cpu.get(k)) for k in ("l1_data_cache_size", "l2_cache_size", "l3_cache_size"))
+    return f"{sizes} (py-cpuinfo's figures, not checked)"
+
+
 def machine_section(data: dict) -> list[str]:
     mi = data.get("machine_info", {})
     facts = mi.get("lrmath_bench", {})
@@ -60,9 +76,7 @@ def machine_section(data: dict) -> list[str]:
          f"{facts.get('sockets')} x {facts.get('cores_per_socket')} x {facts.get('threads_per_core')}"),
         ("Logical CPUs (usable by this process)", f"{facts.get('logical_cpus')} ({facts.get('usable_cpus')})"),
         ("Clock (advertised)", cpu.get("hz_advertised_friendly")),
-        ("Caches L1d / L2 / L3", " / ".join(
-            f"{cpu[k] // 1024} KiB" if isinstance(cpu.get(k), int) else "?"
-            for k in ("l1_data_cache_size", "l2_cache_size", "l3_cache_size"))),
+        ("Caches L1d / L2 / L3", caches_text(facts, cpu)),
         ("Hypervisor", facts.get("hypervisor")),
         ("Memory", f"{facts.get('memory_gib')} GiB"),
         ("Threads per side (BLAS, OpenMP, torch)", facts.get("bench_threads")),
