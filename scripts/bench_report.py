@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench_format import (baseline_first, checks_text, evaluate_goal, fmt_time, group_benchmarks,
+from bench_format import (baseline_first, checks_text, evaluate_goal, fmt_bytes, fmt_time, group_benchmarks,
                           growth_exponents, md_escape, ratio_cell, stats_of)
 from bench_report_e2e import e2e_section, is_e2e
 
@@ -48,19 +48,17 @@ def source_text(facts: dict) -> str:
     return text
 
 
-def _size_text(nbytes) -> str:
-    if not isinstance(nbytes, int):
-        return "?"
-    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 and nbytes % (1 << 20) == 0 else f"{nbytes >> 10} KiB"
+def _cache_size(nbytes) -> str:
+    return fmt_bytes(nbytes) if isinstance(nbytes, int) else "?"
 
 
 def caches_text(facts: dict, cpu: dict) -> str:
     """One core's caches: from sysfs where the run recorded it, else py-cpuinfo's figures, marked."""
     caches = facts.get("caches")
     if caches:
-        return " / ".join(_size_text(caches.get(k)) for k in ("L1d", "L2", "L3")) + " (sysfs, CPU 0)"
+        return " / ".join(_cache_size(caches.get(k)) for k in ("L1d", "L2", "L3")) + " (sysfs, CPU 0)"
     # runs before the sysfs record: py-cpuinfo's sizes, which can sum or misread caches on a VM
-    sizes = " / ".join(_size_text(cpu.get(k)) for k in ("l1_data_cache_size", "l2_cache_size", "l3_cache_size"))
+    sizes = " / ".join(_cache_size(cpu.get(k)) for k in ("l1_data_cache_size", "l2_cache_size", "l3_cache_size"))
     return f"{sizes} (py-cpuinfo's figures, not checked)"
 
 
