@@ -16,12 +16,15 @@ from typing import Any, NamedTuple
 from ._backend import as_work, cholesky_each, device_of, matmul_triangular, namespace, solve_triangular
 from ._validation import check_array, check_finite, check_nonnegative_scalar, check_symmetric, dtype_eps
 
-__all__ = ["Whitener", "whiten", "DampedCholesky", "damped_cholesky", "METHODS", "CHOLESKY_SCHEDULE"]
+__all__ = ["Whitener", "whiten", "DampedCholesky", "damped_cholesky", "METHODS", "CHOLESKY_SCHEDULE", "PSD_SLACK"]
 
 METHODS = ("cholesky", "sqrt", "eigh")
 
 #: Relative damping tried, in order, after a failed Cholesky (only values above the requested one).
 CHOLESKY_SCHEDULE = tuple(10.0**k for k in range(-12, -1))
+# Most negative eigenvalue the eigen forms clip, relative to mean(diag C): the largest damping the
+# schedule ever applies, so whiten and damped_cholesky refuse the same matrices.
+PSD_SLACK = CHOLESKY_SCHEDULE[-1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,7 +166,10 @@ def whiten(C, *, method: str = "cholesky", damping: float = 0.0) -> Whitener:
     ValueError
         If ``C`` is not 2-D, not square, not symmetric within a dtype
         tolerance, holds NaN/Inf; ``damping`` is negative or not finite;
-        ``method`` is unknown.
+        ``method`` is unknown; or ``C`` is not positive semidefinite beyond
+        rounding: an eigenvalue below ``-(PSD_SLACK mean(diag C)^+ + cutoff)``
+        (``lrmath.whitening.PSD_SLACK`` = ``1e-2``, the schedule's largest
+        damping, where :func:`damped_cholesky` refuses too).
 
     Notes
     -----
@@ -182,7 +188,10 @@ def whiten(C, *, method: str = "cholesky", damping: float = 0.0) -> Whitener:
     so are negative ones: ``S S^T`` is then the nearest PSD matrix to
     ``C + delta I`` up to the cutoff, and ``solve`` applies the Moore-Penrose
     pseudo-inverse ``S^+``.  ``clipped`` reports the largest negative
-    eigenvalue dropped.
+    eigenvalue dropped.  Only negatives that rounding or a float32
+    accumulation can explain are clipped; a ``C`` with a larger negative
+    eigenvalue is no second moment of real data (a sign error, a difference
+    of two Grams) and is refused rather than silently projected.
 
     For any ``S`` with ``S S^T = C = X X^T``,
     ``||A X||_F^2 = tr(A C A^T) = ||A S||_F^2``: every method gives the same
@@ -224,10 +233,10 @@ def whiten(C, *, method: str = "cholesky", damping: float = 0.0) -> Whitener:
                             damping=alpha, delta=alpha * scale, attempts=attempt,
                             fallback=None if attempt == 1 else "damping", rank=n)
         tried = len(_schedule(damping)) if scale > 0 else 1
-        return _eigen_whitener(xp, Cw + (damping * scale) * eye, "eigh", eps,
+        return _eigen_whitener(xp, Cw + (damping * scale) * eye, "eigh", eps, PSD_SLACK * scale,
                                requested=method, damping=damping, delta=damping * scale,
                                attempts=tried + 1, fallback="eigh")
-    return _eigen_whitener(xp, Cw + (damping * scale) * eye, method, eps, requested=method,
+    return _eigen_whitener(xp, Cw + (damping * scale) * eye, method, eps, PSD_SLACK * scale, requested=method,
                            damping=damping, delta=damping * scale, attempts=1, fallback=None)
 
 
@@ -340,8 +349,11 @@ def _cholesky_schedule(A, damping, xp):
     return L, used, alive, pending | (alive & ~(scale > 0))
 
 
-def _eigen_whitener(xp, A, form, eps, **record) -> Whitener:
-    """``sqrt`` / ``eigh`` factor of the symmetric matrix ``A`` with small and negative eigenvalues zeroed."""
+def _eigen_whitener(xp, A, form, eps, slack, **record) -> Whitener:
+    """``sqrt`` / ``eigh`` factor of the symmetric matrix ``A`` with small and negative eigenvalues zeroed.
+
+    Raises ValueError where an eigenvalue lies below ``-(slack + cutoff)``: not PSD beyond rounding.
+    """
     evals, evecs = xp.linalg.eigh(A)
     evals = xp.flip(evals, axis=-1)  # descending: leading columns carry the most energy
     evecs = xp.flip(evecs, axis=-1)
@@ -350,6 +362,9 @@ def _eigen_whitener(xp, A, form, eps, **record) -> Whitener:
     kept = evals > cutoff
     roots = xp.where(kept, xp.sqrt(xp.where(kept, evals, xp.zeros_like(evals))), xp.zeros_like(evals))
     clipped = max(0.0, -float(evals[-1]))
+    if clipped > slack + cutoff:
+        raise ValueError(f"C is not positive semidefinite: eigenvalue {-clipped:.3g} of C + delta I is below "
+                         f"{-(slack + cutoff):.3g} = -({PSD_SLACK:g} mean(diag C)^+ + cutoff), beyond rounding")
     S = evecs * roots
     if form == "sqrt":
         S = S @ xp.matrix_transpose(evecs)

@@ -177,12 +177,33 @@ def test_dead_channel_takes_the_first_damping_step(backend, C, data):
     assert (w.method, w.fallback, w.attempts, w.damping) == ("cholesky", "damping", 2, CHOLESKY_SCHEDULE[0])
 
 
-def test_indefinite_matrix_is_clipped_and_recorded():
-    C = np.diag([2.0, -1.0])  # mean(diag C) > 0: the whole schedule is tried
-    w = lrmath.whiten(C, method="cholesky")
-    assert (w.method, w.fallback, w.attempts) == ("eigh", "eigh", len(CHOLESKY_SCHEDULE) + 2)
-    assert w.clipped == 1.0 and w.rank == 1
+@pytest.mark.parametrize("method", ["sqrt", "eigh"])
+def test_small_negative_eigenvalue_is_clipped_and_recorded(method):
+    C = np.diag([2.0, -1e-3])  # within PSD_SLACK * mean(diag C): a float32 Gram can be this far off
+    w = lrmath.whiten(C, method=method)
+    assert (w.method, w.fallback, w.rank) == (method, None, 1)
+    assert w.clipped == 1e-3
     np.testing.assert_allclose(w.factor @ w.factor.T, np.diag([2.0, 0.0]), rtol=0, atol=tolerance(n=2) * 2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(C=covariances(max_dim=12), method=methods(), seed=seeds(), depth=st.floats(0.02, 100.0))
+def test_matrix_not_psd_beyond_rounding_is_refused(backend, C, method, seed, depth):
+    """``C - c v v^T`` with ``v^T (C - c v v^T) v`` below ``-2 PSD_SLACK mean(diag C)``: every method refuses.
+
+    ``damped_cholesky`` refuses the same matrix (no damping up to ``PSD_SLACK`` makes it
+    positive definite), so the two entry points agree on what is not a second moment.
+    """
+    n = C.shape[0]
+    v = np.random.default_rng(seed).standard_normal(n)
+    v /= np.linalg.norm(v)
+    mean_diag = float(np.trace(C)) / n
+    B = C - (v @ C @ v + depth * mean_diag + 1e-3) * np.outer(v, v)
+    B = (B + B.T) / 2
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        lrmath.whiten(to_backend(B, backend), method=method)
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        lrmath.damped_cholesky(to_backend(B, backend))
 
 
 @given(C=spd_matrices(max_dim=12, max_log10_cond=6.0), method=methods(), damping=dampings())
