@@ -267,7 +267,12 @@ def matmul_triangular(A, T, *, lower: bool, xp=None):
 def to_numpy(x) -> np.ndarray:
     """Host copy of an array (for small decision data such as pivots or indices)."""
     if array_api_compat.is_torch_array(x):
-        return x.detach().cpu().numpy()
+        import torch
+
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.dtype not in (torch.float16, torch.float32, torch.float64):
+            x = x.float()  # bfloat16, float8: numpy has no such dtype (float32 holds them exactly)
+        return x.numpy()
     if array_api_compat.is_cupy_array(x):
         return x.get()
     return np.asarray(x)
