@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .modules import count_parameters
-from .recipes import get_recipe
+from .recipes import get_recipe, recipe_options
 from .recipes.common import linear_parameters
 from .specs import get_spec
 
@@ -56,7 +56,7 @@ class CompressionReport:
         """A few human-readable lines."""
         t = self.timings
         return "\n".join([
-            f"recipe {self.recipe}: removed {100 * self.ratio_achieved:.1f}% of decoder-linear parameters "
+            f"recipe {self.recipe}: removed {100 * self.ratio_achieved:.1f}% of the compressible linears' parameters "
             f"({self.linear_params_before:,} -> {self.linear_params_after:,}), "
             f"{100 * self.model_ratio_achieved:.1f}% of the model",
             f"calibration {self.calibration.get('tokens', 0):,} tokens in {t.get('calibration', 0):.1f} s; "
@@ -98,6 +98,41 @@ def calibration_batches(calibration, *, tokenizer=None, seq_len: int = 512, n_wi
     return batches
 
 
+def _check_options(recipe: str, options: dict) -> None:
+    accepted = recipe_options(recipe)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise TypeError(f"recipe {recipe!r} has no option {', '.join(map(repr, unknown))}; "
+                        f"its options: {', '.join(accepted)}")
+
+
+def _check_batches(model: nn.Module, spec, batches: list) -> None:
+    """Refuse calibration batches the model cannot read, naming the batch (before any work is done)."""
+    key = "input_ids" if spec.kind == "decoder" else "pixel_values"
+    for i, batch in enumerate(batches):
+        x = batch
+        if isinstance(batch, dict):
+            if key not in batch:
+                if spec.kind == "decoder" and "inputs_embeds" in batch:
+                    continue
+                raise ValueError(f"calibration batch {i} is a dict without {key!r} (keys: {sorted(batch)})")
+            x = batch[key]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"calibration batch {i} must be a tensor or a dict of tensors, got {type(x).__name__}")
+        if spec.kind == "decoder":
+            if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+                raise TypeError(f"calibration batch {i} holds {x.dtype} values: a {spec.model_type} model "
+                                "calibrates on token ids (an integer tensor); pass text with tokenizer=")
+            embeddings = model.get_input_embeddings()
+            vocab = getattr(embeddings, "num_embeddings", None) or model.config.vocab_size
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+                raise ValueError(f"calibration batch {i} has token ids in [{int(x.min())}, {int(x.max())}], "
+                                 f"outside the model's vocabulary [0, {vocab})")
+        elif not x.is_floating_point() or x.ndim != 4:
+            raise ValueError(f"calibration batch {i} ({x.dtype}, shape {tuple(x.shape)}) is not pixel values: "
+                             f"a {spec.model_type} model calibrates on float (batch, channels, height, width) images")
+
+
 def _tokens(batches) -> int:
     total = 0
     for b in batches:
@@ -132,17 +167,30 @@ def compress(model: nn.Module, calibration: Iterable | str | torch.Tensor, *, re
     calibration_source : str, optional
         A description of the calibration data for the report.
     **options
-        Passed to the recipe.
+        Passed to the recipe (``lrmath_hf.recipes.recipe_options(recipe)`` lists them).
 
     Returns
     -------
     CompressionReport
+
+    Raises
+    ------
+    ValueError
+        ``ratio`` outside (0, 1); an unknown ``recipe`` or one that does not apply to
+        the model (``flar`` on a decoder); an unsupported model; an empty
+        calibration; a batch the model cannot read (token ids outside the
+        vocabulary, images not 4-D floats).
+    TypeError
+        An option the recipe does not take; a decoder batch that is not integer
+        token ids.
     """
     if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
         raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
     spec = get_spec(model)
     run = get_recipe(recipe)
+    _check_options(recipe, options)
     batches = calibration_batches(calibration, tokenizer=tokenizer)
+    _check_batches(model, spec, batches)
     was_training = model.training
     model.eval()
     linear_before, model_before = linear_parameters(model, spec), count_parameters(model)

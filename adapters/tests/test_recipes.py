@@ -90,6 +90,41 @@ def test_compress_rejects_bad_input():
         lrmath_hf.compress(model, "some text", recipe="svd", ratio=0.2, progress=False)
 
 
+def test_compress_refuses_what_the_model_cannot_read_before_any_work():
+    """Bad calibration batches, unknown options and a recipe for another family are named up front."""
+    model = tiny_model("llama", dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = calibration() + [torch.full((1, 8), 128)]  # vocab is 128: ids 0..127
+    with pytest.raises(ValueError, match=r"batch 6 has token ids in \[128, 128\], outside .*\[0, 128\)"):
+        lrmath_hf.compress(model, bad, recipe="auto", ratio=0.2, progress=False)
+    with pytest.raises(ValueError, match="batch 0 has token ids in \\[-1"):
+        lrmath_hf.compress(model, [torch.full((1, 8), -1)], recipe="svd", ratio=0.2, progress=False)
+    with pytest.raises(TypeError, match="batch 0 holds torch.float32 values: a llama model calibrates on token ids"):
+        lrmath_hf.compress(model, [torch.randn(1, 8)], recipe="auto", ratio=0.2, progress=False)
+    with pytest.raises(ValueError, match="dict without 'input_ids'"):
+        lrmath_hf.compress(model, [{"ids": calibration()[0]}], recipe="auto", ratio=0.2, progress=False)
+    with pytest.raises(TypeError, match="batch 0 must be a tensor"):
+        lrmath_hf.compress(model, [[1, 2, 3]], recipe="auto", ratio=0.2, progress=False)
+    with pytest.raises(TypeError, match="recipe 'auto' has no option 'nope'; its options: .*selection"):
+        lrmath_hf.compress(model, calibration(), recipe="auto", ratio=0.2, progress=False, nope=1)
+    with pytest.raises(TypeError, match="recipe 'svd-llm' has no option 'selection'"):
+        lrmath_hf.compress(model, calibration(), recipe="svd-llm", ratio=0.2, progress=False, selection="obs")
+    with pytest.raises(ValueError, match="'flar' is FLAR-SVD for ViT-family encoders.*llama is a decoder"):
+        lrmath_hf.compress(model, calibration(), recipe="flar", ratio=0.2, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was touched
+
+
+def test_recipe_options_name_every_keyword_a_recipe_takes():
+    from lrmath_hf.recipes import available_recipes, recipe_options
+
+    for name in available_recipes():
+        options = recipe_options(name)
+        assert options is not None and "ratio" not in options and "progress" not in options, name
+    assert set(recipe_options("flat")) <= set(recipe_options("auto"))
+    assert "shrinkage" in recipe_options("flar") and "damping" in recipe_options("svd-llm")
+
+
 def test_sequential_calibration_sees_compressed_inputs():
     """In sequential mode each layer's statistics come from the already-compressed layers before it."""
     model = tiny_model("llama")

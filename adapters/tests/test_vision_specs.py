@@ -146,3 +146,13 @@ def test_save_reload_is_bit_exact(arch, cls, tmp_path):
     assert manifest["model_type"] == arch and manifest["model_class"] == cls
     assert manifest["modules"][linear_name(model, 1, "up", spec)]["rank"] == 8
     assert len(manifest["modules"]) == 2 * len(spec.roles)
+
+
+def test_compress_refuses_batches_that_are_not_images():
+    import lrmath_hf
+
+    model = tiny_vision_model("dinov2", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"batch 0 \(torch.int64, shape \(2, 8\)\) is not pixel values"):
+        lrmath_hf.compress(model, [torch.zeros(2, 8, dtype=torch.long)], recipe="svd-llm", ratio=0.2, progress=False)
+    with pytest.raises(ValueError, match="is not pixel values"):
+        lrmath_hf.compress(model, [torch.zeros(3, 56, 56)], recipe="flar", ratio=0.2, progress=False)

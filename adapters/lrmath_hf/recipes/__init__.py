@@ -8,10 +8,11 @@ by name, counts parameters before and after, and writes the report.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["RecipeResult", "register", "get_recipe", "available_recipes"]
+__all__ = ["RecipeResult", "register", "get_recipe", "available_recipes", "recipe_options"]
 
 
 @dataclass
@@ -73,3 +74,21 @@ def get_recipe(name: str) -> Callable[..., RecipeResult]:
     if name not in _RECIPES:
         importlib.import_module(f"{__name__}.{_MODULES[name]}")
     return _RECIPES[name]
+
+
+def recipe_options(name: str) -> tuple[str, ...] | None:
+    """The keyword options recipe ``name`` takes (``None``: it takes any).
+
+    A recipe that forwards ``**options`` to another names it in a
+    ``forwards_options_to`` attribute (``auto`` -> ``flat``); its options are its
+    own plus that recipe's.
+    """
+    fn = get_recipe(name)
+    params = inspect.signature(fn).parameters.values()
+    names = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("ratio", "progress")]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        target = getattr(fn, "forwards_options_to", None)
+        if target is None:
+            return None
+        names += [n for n in recipe_options(target) or () if n not in names]
+    return tuple(names)

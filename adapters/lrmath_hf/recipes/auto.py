@@ -158,3 +158,6 @@ def run_auto(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     result = run_flat(model, spec, batches, ratio=ratio, progress=progress, **options)
     result.details["auto"] = {"recipe": "flat", **{k: v for k, v in options.items() if k != "stats"}}
     return result
+
+
+run_auto.forwards_options_to = "flat"  # its options are flat's (lrmath_hf.recipes.recipe_options)

@@ -205,6 +205,9 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
     (at :math:`s = \\delta = 0`) and the bias :math:`b + (W - W_r) m` removes the mean error.
     A rank reaching :math:`k_{\\mathrm{equiv}} = \\lfloor mn/(m+n) \\rfloor` keeps the linear dense.
     """
+    if spec.kind != "encoder":
+        raise ValueError(f"recipe 'flar' is FLAR-SVD for ViT-family encoders (vit, deit, dinov2); "
+                         f"{spec.model_type} is a {spec.kind}: use 'auto' (the default), 'flat', 'svd-llm' or 'latent'")
     if criterion not in CRITERIA or allocation not in ALLOCATIONS:
         raise ValueError(f"criterion must be in {CRITERIA} and allocation in {ALLOCATIONS}, "
                          f"got {criterion!r}, {allocation!r}")
