@@ -208,6 +208,9 @@ def test_slope_allocation_equalises_marginal_error_under_caps():
     assert dropped(ranks) <= best + max(float(s[:8].sum()) for s in spectra)  # within one block (LP gap)
     capped = slope_ranks(spectra, shapes, 0.5 * total, caps=[8, 64, 64])
     assert capped[0] is None and _cost_of(capped, shapes) <= 0.5 * total  # wanted more than 8: dense
+    # a cap below the grid (no rank is faster) keeps the linear dense even when the budget is out of reach
+    tight = slope_ranks(spectra, shapes, 0.01 * total, caps=[0, 64, 64])
+    assert tight == [None, 8, 8]
 
 
 def _cost_of(ranks, shapes):
@@ -235,6 +238,17 @@ def test_latency_aware_factorises_only_where_the_pair_is_faster(dense):
     assert lat["predicted_saving_s"] == pytest.approx(0.5 * lat["factorised"])
     assert lat["measured_dense_s"] > 0 and lat["measured_compressed_s"] > 0
     assert report.details["latency_caps"] == {"64x64": 0, "128x64": 16, "64x128": 16}
+
+
+def test_latency_caps_that_keep_the_ratio_out_of_reach_are_reported():
+    # Fake device where no pair is ever faster: every linear stays dense, and the user is told why.
+    table = LatencyTable(cache_dir=False, timer=lambda tokens, n, m, rank: Timing(1.0, 2.0, 3))
+    model = tiny_vision_model("dinov2", dtype=torch.float32)
+    with pytest.warns(UserWarning, match=r"flar removed 0.0% .* not the 30.0% asked: .* for 0 of 12 linears .*"
+                                         r"latency_aware=False"):
+        report = lrmath_hf.compress(model, [pixel_batch(2, dtype=torch.float32)], recipe="flar", ratio=0.3,
+                                    progress=False, criterion="weight", latency_table=table)
+    assert report.ratio_achieved == 0.0 and set(report.ranks.values()) == {"dense"}
 
 
 def test_saved_flar_model_reloads_bit_exact(dense, tmp_path):

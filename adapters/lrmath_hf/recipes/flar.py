@@ -12,6 +12,7 @@ component's error priced under the sample covariance (:func:`sample_energy`); wi
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import numpy as np
@@ -295,6 +296,7 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
                 set_linear(model, key[0], key[1], linears[key].module(rank), spec)
     if table is not None:
         details["latency"] = _latency_report(table, rows, final, shapes)
+        _warn_if_capped(ratio, final, shapes, details["latency"])
     if measure:
         with timer(result.timings, "latency"):
             measured = time_models({"dense": dense_copy, "compressed": model}, _pixels(batches, latency_batch))
@@ -384,6 +386,17 @@ def _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, d
     details["search_calls"] = calls
     details["forward_passes"] = {"search": 0} if probe is None else {**probe.counts(), "memo_hits": hits}
     return final
+
+
+def _warn_if_capped(ratio: float, final, shapes, report: dict) -> None:
+    """Say so when the latency caps kept the recipe well short of the ratio asked for."""
+    dense = sum(m * n for m, n in shapes)
+    removed = sum(m * n - r * (m + n) for r, (m, n) in zip(final, shapes) if r is not None) / dense
+    if removed < ratio - 0.01:
+        warnings.warn(f"flar removed {removed:.1%} of the encoder linears' parameters, not the {ratio:.1%} asked: "
+                      f"factorising is measurably faster on {report['device']} for {report['factorised']} of "
+                      f"{len(final)} linears only, so the others stay dense. Pass latency_aware=False to reach the "
+                      "ratio whatever the speed.", UserWarning, stacklevel=5)  # the caller of compress (under no_grad)
 
 
 def _latency_report(table: LatencyTable, rows: int, final, shapes) -> dict[str, Any]:

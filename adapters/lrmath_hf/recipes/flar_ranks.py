@@ -69,12 +69,14 @@ def slope_ranks(spectra, shapes, budget: float, *, multiple: int = 8, caps=None)
     certified greedy).  The top grid rank below ``k_equiv`` may cost about ``m n``:
     there the linear stays dense.  A linear allotted more than its latency cap
     turns dense, its ``m n`` leaves the budget, and the others are re-allocated
-    until no cap is exceeded.
+    until no cap is exceeded.  A cap below ``multiple`` (no grid rank is faster)
+    keeps its linear dense whatever the budget.
     """
     keq = [lrmath.k_equiv(m, n) for m, n in shapes]
     top = [lrmath.round_rank(k, multiple) for k in keq]  # the top grid point means dense
     caps = top if caps is None else caps
-    dense: set[int] = set()
+    # not faster even at the smallest grid rank (or k_equiv below it): dense from the start, never "closest"
+    dense: set[int] = {i for i, c in enumerate(caps) if c < multiple}
     while True:
         live = [i for i in range(len(shapes)) if i not in dense]
         left = budget - sum(shapes[i][0] * shapes[i][1] for i in dense)
