@@ -161,8 +161,14 @@ def _read_tensors(file: Path, device: torch.device, dtype: torch.dtype | None) -
     aligned storage the saved model had (one extra tensor at a time, never the
     whole model).
     """
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: the weights the manifest names are missing")
     state = {}
-    with safe_open(str(file), framework="pt", device=str(device)) as handle:
+    try:
+        handle = safe_open(str(file), framework="pt", device=str(device))
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) on a bad header
+        raise ValueError(f"{file} is not a readable safetensors file ({err}): truncated or damaged") from None
+    with handle:
         for name in handle.keys():
             tensor = handle.get_tensor(name)
             if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
@@ -277,6 +283,12 @@ def save_compressed(
     return target
 
 
+def _saved_folder(path: str | os.PathLike) -> Path:
+    """The saved folder, also when given the path of its manifest file."""
+    path = Path(path)
+    return path.parent if path.name == MANIFEST and path.is_file() else path
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check the manifest of a saved model.
 
@@ -284,13 +296,18 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     ------
     FileNotFoundError
         When ``path`` holds no manifest.
+    ValueError
+        When the manifest is not valid JSON.
     IncompatibleManifestError
         When the manifest is not this format or its version is not readable here.
     """
-    manifest_path = Path(path) / MANIFEST
+    manifest_path = _saved_folder(path) / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: not a model saved by lrmath_hf.save_compressed")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{manifest_path} is not valid JSON ({err}): the saved folder is damaged") from None
     if manifest.get("format") != FORMAT:
         raise IncompatibleManifestError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     version = manifest.get("format_version")
@@ -322,7 +339,7 @@ def build_skeleton(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     """
     from transformers import AutoConfig
 
-    folder = Path(path)
+    folder = _saved_folder(path)
     manifest = read_manifest(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model = _skeleton(_model_class(manifest["model_class"]), config,
@@ -347,7 +364,7 @@ def load_compressed(
     Parameters
     ----------
     path : path-like
-        The saved folder.
+        The saved folder (or its ``manifest.json``).
     dtype : torch.dtype, optional
         Cast floating tensors to this dtype; default: as saved.
     device : str or torch.device, optional
@@ -365,11 +382,16 @@ def load_compressed(
     ------
     IncompatibleManifestError
         For a manifest of another format version.
+    FileNotFoundError
+        When the manifest or the weights file it names is missing.
+    ValueError
+        When the manifest is not valid JSON or the weights file is truncated or
+        damaged.
     RuntimeError
         When the tensors do not match the skeleton exactly (missing or
         unexpected names, wrong shapes).
     """
-    folder = Path(path)
+    folder = _saved_folder(path)
     model, manifest = build_skeleton(folder, dtype=dtype, attn_implementation=attn_implementation)
     device = torch.device(device) if device is not None else torch.device("cpu")
     state = _read_tensors(folder / manifest["files"]["weights"], device, dtype)

@@ -179,6 +179,27 @@ def test_incompatible_manifest_is_a_clear_error(compressed, tmp_path):
         load_compressed(folder)
 
 
+def test_damaged_folder_is_a_clear_error_and_a_manifest_path_is_accepted(compressed, tmp_path):
+    model = compressed["llama"]
+    folder = save_compressed(model, tmp_path / "m")
+    ids = token_batch(seed=4)
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(load_compressed(folder / "manifest.json")(ids).logits, expected)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    for cut in (1000, len(data) - 100):  # inside the header, inside the tensor data
+        weights.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file .* damaged"):
+            load_compressed(folder)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found: the weights the manifest names"):
+        load_compressed(folder)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON .* damaged"):
+        load_compressed(folder)
+
+
 def test_interrupted_save_leaves_no_target(compressed, tmp_path, monkeypatch):
     model = compressed["qwen2"]
 
