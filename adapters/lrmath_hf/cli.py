@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import shlex
 import shutil
@@ -40,12 +39,46 @@ def _load(name: str, device):
         from .io import load_compressed
 
         model = load_compressed(name, device=device)
+        _require_decoder(model, name)
         tokenizer = _tokenizer_for(json.loads((Path(name) / "report.json").read_text()).get("model"))
         return model, tokenizer
     if name not in zoo.list_models() and not Path(name).exists() and "/" not in name:
         raise CLIError(f"unknown model {name!r}: use one of {', '.join(zoo.list_models())}, "
                        "a local folder, or a hub id (org/name)")
-    return zoo.load_model(name, device=device)
+    model, tokenizer = zoo.load_model(name, device=device)
+    _require_decoder(model, name)
+    return model, tokenizer
+
+
+def _require_decoder(model, name: str) -> None:
+    # The command measures perplexity and tokens/s on text: a language model's job.
+    from .specs import get_spec
+
+    if get_spec(model).kind != "decoder":
+        raise CLIError(f"{name} is a {model.config.model_type} encoder: the lrmath command compresses and scores "
+                       "decoders on text; for a ViT call lrmath_hf.compress(model, pixel_batches, recipe='flar') "
+                       "(docs/vit.md)")
+
+
+def _options(pairs: list[str] | None, recipe: str) -> dict:
+    """``--option KEY=VALUE`` pairs as recipe options (VALUE read as JSON, else kept as text), checked."""
+    from .recipes import recipe_options
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    accepted = recipe_options(recipe)
+    unknown = sorted(set(options) - set(accepted or options) | ({"stats"} & set(options)))
+    if unknown:
+        raise CLIError(f"recipe {recipe!r} has no option {', '.join(map(repr, unknown))}; "
+                       f"its options: {', '.join(o for o in accepted if o != 'stats')}")
+    return options
 
 
 def _device(name: str):
@@ -165,7 +198,8 @@ def cmd_compress(args) -> int:
     from .recipes import get_recipe
 
     ratios = _check_ratios(list(args.ratio))
-    get_recipe(args.recipe)  # an unknown recipe fails before any model is loaded
+    get_recipe(args.recipe)  # an unknown recipe or option fails before any model is loaded
+    args.recipe_options = _options(args.option, args.recipe)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise CLIError(f"{out} exists; pass --overwrite to replace it")
@@ -180,7 +214,8 @@ def cmd_compress(args) -> int:
     before = measure(model, tokenizer, eval_windows, args, speed=not paired(args))
     dense = copy.deepcopy(model) if paired(args) else None  # timed beside the compressed model below
     report = compress(model, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
-                      calibration_source=f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens")
+                      calibration_source=f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens",
+                      **args.recipe_options)
     after = measure(model, tokenizer, eval_windows, args, speed=not paired(args))
     if dense is not None:
         dense_speed, compressed_speed = paired_speed(dense, model, tokenizer, eval_windows, args)
@@ -201,15 +236,15 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _takes_stats(recipe) -> bool:
-    params = inspect.signature(recipe).parameters
-    return "stats" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+def _takes_stats(recipe: str) -> bool:
+    from .recipes import recipe_options
+
+    return "stats" in (recipe_options(recipe) or ())
 
 
 def _compress_many(args, ratios: list[float], out: Path) -> int:
     """One dense measurement and (where the recipe reuses statistics) one calibration for every ratio."""
     from .pipeline import compress
-    from .recipes import get_recipe
     from .recipes.common import run_calibration, union_plan
     from .specs import get_spec
 
@@ -219,7 +254,7 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
     before["file_bytes"] = before["parameters"] * next(model.parameters()).element_size()
     source = f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens"
     stats, calib_seconds = None, 0.0
-    if _takes_stats(get_recipe(args.recipe)):
+    if _takes_stats(args.recipe):
         t0 = time.perf_counter()
         stats = run_calibration(model, get_spec(model), [w[None] for w in calib], union_plan(get_spec(model)),
                                 progress=not args.quiet)
@@ -235,18 +270,10 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
         for ratio in ratios:
             t0 = time.perf_counter()
             trial = copy.deepcopy(model)
-            options = {"stats": stats} if stats is not None else {}
-            try:
-                report = compress(trial, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
-                                  calibration_source=source, **options)
-            except TypeError as exc:
-                if stats is None or "unexpected keyword argument 'stats'" not in str(exc):
-                    raise
-                stats = None  # the recipe's **options do not take statistics: calibrate per ratio
-                trial = copy.deepcopy(model)
-                report = compress(trial, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
-                                  calibration_source=source)
-            if options and stats is not None:
+            shared = {"stats": stats} if stats is not None else {}
+            report = compress(trial, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
+                              calibration_source=source, **args.recipe_options, **shared)
+            if stats is not None:
                 report.timings["calibration_shared"] = calib_seconds
                 report.calibration["shared_across_ratios"] = ratios
             after = measure(trial, tokenizer, eval_windows, args, speed=not paired(args))
@@ -335,7 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", parents=[common], help="compress a model and write a loadable folder")
     p.add_argument("model", help="zoo name (e.g. smollm2-135m), local folder or hub id")
-    p.add_argument("--recipe", default="auto")
+    p.add_argument("--recipe", default="auto",
+                   help="auto (default), flat, flat-paper, global, latent, svd, svd-llm")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a recipe option (repeatable; VALUE read as JSON, else as text), e.g. "
+                        "--option selection=leverage; lrmath_hf.recipes.recipe_options(recipe) lists them")
     p.add_argument("--ratio", type=float, nargs="+", default=[0.2], metavar="RATIO",
                    help="fraction of decoder-linear parameters to remove, in (0, 1); several ratios write "
                         "one folder each (ratio-0.20/ ...), summary.json and perplexity_vs_ratio.png")

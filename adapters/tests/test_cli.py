@@ -49,6 +49,30 @@ def test_unknown_recipe_is_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--option", "nope=1"], "recipe 'auto' has no option 'nope'; its options: qk"),
+    (["--option", "stats=1"], "has no option 'stats'"),  # data, not a setting
+    (["--option", "selection"], "--option takes KEY=VALUE, got 'selection'"),
+    (["--recipe", "svd-llm", "--option", "selection=obs"], "recipe 'svd-llm' has no option 'selection'"),
+])
+def test_bad_recipe_options_are_refused_before_any_work(options, message, tmp_path, capsys):
+    assert main(["compress", "smollm2-135m", *options, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_encoder_is_refused_with_the_python_route(tmp_path, capsys):
+    from lrmath_hf.io import save_compressed
+
+    from .test_vision_specs import tiny_vision_model
+
+    folder = save_compressed(tiny_vision_model("dinov2"), tmp_path / "vit")
+    assert main(["eval", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dinov2 encoder" in err and "recipe='flar'" in err and len(err.splitlines()) == 1
+
+
 def test_module_entry_point_prints_help():
     out = subprocess.run([sys.executable, "-m", "lrmath_hf", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "compress" in out.stdout
@@ -130,6 +154,18 @@ def test_shared_calibration_matches_a_single_ratio_run(tiny_folder, tmp_path):
     assert swept["ranks"] == one["ranks"]
     assert swept["after"]["parameters"] == one["after"]["parameters"]
     assert swept["after"]["perplexity"] == pytest.approx(one["after"]["perplexity"], rel=1e-5)
+
+
+def test_recipe_options_reach_every_ratio_and_the_report(tiny_folder, tmp_path):
+    # VALUE is read as JSON (0.01: a number), else kept as text (obs)
+    extra = ["--no-speed", "--recipe", "flat", "--option", "selection=obs", "--option", "ridge=0.01"]
+    assert _compress(tiny_folder, tmp_path / "sweep", 0.2, 0.4, extra=extra) == 0
+    assert _compress(tiny_folder, tmp_path / "one", 0.4, extra=extra) == 0
+    for report in (tmp_path / "sweep" / "ratio-0.20" / "report.json", tmp_path / "sweep" / "ratio-0.40" / "report.json",
+                   tmp_path / "one" / "report.json"):
+        payload = json.loads(report.read_text())
+        assert payload["options"] == {"selection": "obs", "ridge": 0.01}
+        assert payload["details"]["selection"] == "obs" and payload["details"]["ridge"] == 0.01
 
 
 def test_interrupt_during_a_sweep_leaves_nothing(tiny_folder, tmp_path, monkeypatch, capsys):
