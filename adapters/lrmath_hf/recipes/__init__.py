@@ -65,10 +65,12 @@ def register(name: str):
 
 
 def available_recipes() -> tuple[str, ...]:
+    """Names :func:`lrmath_hf.compress` accepts as ``recipe``, sorted."""
     return tuple(sorted(_MODULES))
 
 
 def get_recipe(name: str) -> Callable[..., RecipeResult]:
+    """The function of recipe ``name`` (its module imported on first use); ValueError for an unknown name."""
     if name not in _MODULES:
         raise ValueError(f"unknown recipe {name!r}; available: {', '.join(available_recipes())}")
     if name not in _RECIPES:
