@@ -66,6 +66,7 @@ def ledoit_wolf(data, *, assume_centered: bool = False, target: str = "identity"
     ValueError
         On empty data, a ``Moments`` with count 0, wrong ndim or NaN/Inf, an
         unknown ``target``, a ``Moments`` with ``order=2`` (no fourth sums),
+        data whose fourth powers underflow float64 (a scale below ~1e-77),
         or ``target="diagonal"`` on a ``Moments`` without the per-feature sums
         (``per_feature=False``, or loaded from a state without them, such as
         format version 1).
@@ -123,6 +124,7 @@ def ledoit_wolf(data, *, assume_centered: bool = False, target: str = "identity"
                          "(built with per_feature=False, or loaded from a state without d3 / d4, such as "
                          "format version 1): accumulate the statistics again with per_feature=True")
     sums, xp = _power_sums(data, assume_centered, per_feature=target == "diagonal")
+    _check_fourth_sums(sums, xp)
     if target == "diagonal":
         return _ledoit_wolf_diagonal(sums, xp)
     S, mu, gap2 = _empirical(sums, xp)
@@ -261,6 +263,23 @@ def _power_sums(data, assume_centered: bool, per_feature: bool = False) -> tuple
             raise
     sums = acc.sums(about="origin" if assume_centered else "mean")
     return sums, namespace(sums.second)
+
+
+def _check_fourth_sums(sums: PowerSums, xp) -> None:
+    """Refuse fourth sums that underflowed (the data's scale is below ~1e-77), rather than return ``s = 0``.
+
+    Cauchy-Schwarz: ``sum |z_k|^4 >= (sum |z_k|^2)^2 / n``; underflow breaks it (to 0 when every
+    fourth power underflows). Half the bound leaves room for rounding and float32 Grams. Below
+    ~1e-162 the squares underflow too and the data read as constant (``S = 0``).
+    """
+    second = xp.linalg.trace(sums.second)
+    live = second > 0  # all-zero deviations: nothing to check
+    # fourth / second >= second / n, divided through so that no product of two small sums underflows
+    ratio = sums.fourth / xp.where(live, second, xp.ones_like(second))
+    if bool(xp.any(live & (ratio < 0.5 * second / sums.count))):
+        raise ValueError("the data's fourth powers underflow float64 (|x - mean| below about 1e-77): "
+                         "multiply the data by a power of two first (the intensity does not depend on the "
+                         "scale; the covariance scales with its square)")
 
 
 def _sample_covariance(sums: PowerSums, xp):

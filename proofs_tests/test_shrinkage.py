@@ -89,6 +89,31 @@ def test_centred_estimators_are_translation_invariant(name, case, seed, log10_sh
     assert_same_estimate(b, a.covariance, a.shrinkage, tolerance(n=X.shape[0], kappa=kappa), "translated")
 
 
+@pytest.mark.parametrize("target", ["identity", "diagonal"])
+@given(case=samples(min_n=2, max_n=40, max_p=8, max_log10_shift=0.0), k=st.integers(-500, 200))
+def test_ledoit_wolf_is_exact_under_power_of_two_scaling_or_refuses(target, case, k):
+    """Scaling the data by ``2^k`` (exact) scales the covariance by ``4^k`` and keeps the intensity
+    while the fourth powers are normal numbers; where every fourth power underflows (the squares
+    still normal) it raises instead of returning another intensity (before stop 24: ``s = 0``).
+    """
+    X = case.X / np.abs(case.X).max()  # max |x| = 1, so max |2^k x| = 2^k
+    if np.abs(X - X.mean(axis=0)).max() <= 2.0 ** -20:
+        return  # (nearly) constant data: the spread, not max |x|, sets where powers underflow
+    a = lrmath.ledoit_wolf(X, target=target)
+    scaled = np.ldexp(X, k)
+    try:
+        b = lrmath.ledoit_wolf(scaled, target=target)
+    except ValueError as err:
+        assert "underflow" in str(err) and k < -250, k
+        return
+    # |2^k x|^4 < 2^-1074 for every x once k <= -269 - 20 (the centred spread may be 2^-20 of the max)
+    assert k > -289, f"fourth powers all underflow at k = {k}, yet no error"
+    if k >= -230:
+        np.testing.assert_allclose(float(b.shrinkage), float(a.shrinkage), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(np.ldexp(b.covariance, -2 * k), a.covariance, rtol=1e-12,
+                                   atol=1e-15 * np.abs(a.covariance).max())
+
+
 @pytest.mark.parametrize("name", ESTIMATORS)
 @given(case=samples(min_n=1, max_n=40, max_p=16), assume_centered=st.booleans())
 def test_intensity_in_unit_interval_and_result_spd(name, case, assume_centered):
