@@ -6,6 +6,7 @@ import dataclasses
 import json
 import platform
 import time
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import torch
@@ -111,7 +112,7 @@ def _check_batches(model: nn.Module, spec, batches: list) -> None:
     key = "input_ids" if spec.kind == "decoder" else "pixel_values"
     for i, batch in enumerate(batches):
         x = batch
-        if isinstance(batch, dict):
+        if isinstance(batch, Mapping):  # dict, or a BatchEncoding / BatchFeature
             if key not in batch:
                 if spec.kind == "decoder" and "inputs_embeds" in batch:
                     continue
@@ -136,7 +137,7 @@ def _check_batches(model: nn.Module, spec, batches: list) -> None:
 def _tokens(batches) -> int:
     total = 0
     for b in batches:
-        t = b.get("input_ids", b.get("pixel_values")) if isinstance(b, dict) else b
+        t = b.get("input_ids", b.get("pixel_values")) if isinstance(b, Mapping) else b
         total += int(t.shape[0] * t.shape[1]) if t.ndim >= 2 else int(t.numel())
     return total
 

@@ -115,6 +115,21 @@ def test_compress_refuses_what_the_model_cannot_read_before_any_work():
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was touched
 
 
+def test_tokenizer_batches_are_accepted():
+    """A tokenizer's BatchEncoding (a Mapping, not a dict) calibrates like the bare token ids."""
+    from transformers import BatchEncoding
+
+    ranks = []
+    def encoding(ids):
+        return BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    for wrap in (lambda ids: ids, encoding):
+        model = tiny_model("llama", dtype=torch.float32)
+        ranks.append(lrmath_hf.compress(model, [wrap(b) for b in calibration()], recipe="svd-llm", ratio=0.3,
+                                        progress=False).ranks)
+    assert ranks[0] == ranks[1]
+
+
 def test_recipe_options_name_every_keyword_a_recipe_takes():
     from lrmath_hf.recipes import available_recipes, recipe_options
 

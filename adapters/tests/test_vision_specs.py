@@ -156,3 +156,17 @@ def test_compress_refuses_batches_that_are_not_images():
         lrmath_hf.compress(model, [torch.zeros(2, 8, dtype=torch.long)], recipe="svd-llm", ratio=0.2, progress=False)
     with pytest.raises(ValueError, match="is not pixel values"):
         lrmath_hf.compress(model, [torch.zeros(3, 56, 56)], recipe="flar", ratio=0.2, progress=False)
+
+
+def test_image_processor_batches_are_accepted():
+    """What an image processor returns (a BatchFeature, a Mapping but not a dict) calibrates like a tensor."""
+    import lrmath_hf
+
+    pixels = pixel_batch(2, dtype=torch.float32)
+    reports = []
+    for batch in (pixels, transformers.BatchFeature({"pixel_values": pixels})):
+        model = tiny_vision_model("dinov2", dtype=torch.float32)
+        reports.append(lrmath_hf.compress(model, [batch], recipe="flar", ratio=0.3, progress=False,
+                                          criterion="weight", latency_aware=False))
+    assert reports[0].ranks == reports[1].ranks
+    assert reports[1].calibration["tokens"] == reports[0].calibration["tokens"]

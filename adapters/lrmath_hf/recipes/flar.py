@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -122,7 +123,7 @@ class _FeatureProbe:
 
 
 def _pixels(batches, count: int) -> torch.Tensor:
-    return torch.cat([b["pixel_values"] if isinstance(b, dict) else b for b in batches])[:count]
+    return torch.cat([b["pixel_values"] if isinstance(b, Mapping) else b for b in batches])[:count]
 
 
 def _uniform_rank(m: int, n: int, ratio: float) -> int:

@@ -9,6 +9,7 @@ multiple of its Ledoit-Wolf intensity with the least held-out truncation error
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ def fold_batches(batches, folds: int = 2) -> list[list]:
 
     With fewer batches than folds, the images of every batch are dealt out the same way.
     """
-    batches = [b["pixel_values"] if isinstance(b, dict) else b for b in batches]
+    batches = [b["pixel_values"] if isinstance(b, Mapping) else b for b in batches]
     if len(batches) < folds:
         batches = [image[None] for b in batches for image in b]
     if len(batches) < folds:
