@@ -77,7 +77,7 @@ def _options(pairs: list[str] | None, recipe: str) -> dict:
     unknown = sorted(set(options) - set(accepted or options) | ({"stats"} & set(options)))
     if unknown:
         raise CLIError(f"recipe {recipe!r} has no option {', '.join(map(repr, unknown))}; "
-                       f"its options: {', '.join(o for o in accepted if o != 'stats')}")
+                       f"its options: {', '.join(o for o in accepted or () if o != 'stats')}")
     return options
 
 
