@@ -40,8 +40,7 @@ def _load(name: str, device):
 
         model = load_compressed(name, device=device)
         _require_decoder(model, name)
-        tokenizer = _tokenizer_for(json.loads((Path(name) / "report.json").read_text()).get("model"))
-        return model, tokenizer
+        return model, _folder_tokenizer(Path(name))
     if name not in zoo.list_models() and not Path(name).exists() and "/" not in name:
         raise CLIError(f"unknown model {name!r}: use one of {', '.join(zoo.list_models())}, "
                        "a local folder, or a hub id (org/name)")
@@ -100,9 +99,17 @@ def _device(name: str):
     return device
 
 
-def _tokenizer_for(model_name: str | None):
+def _folder_tokenizer(folder: Path):
+    """The tokenizer saved in ``folder``, else the one of the base model its report.json names."""
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    report = folder / "report.json"
+    model_name = json.loads(report.read_text()).get("model") if report.is_file() else None
     if not model_name:
-        raise CLIError("this folder has no report.json naming its base model: cannot pick a tokenizer")
+        raise CLIError(f"{folder} has no tokenizer and no report.json naming its base model: save one into it "
+                       "(tokenizer.save_pretrained(folder)), or compress with the lrmath command, which records it")
     from . import zoo
 
     return zoo.load_model(model_name)[1]  # the registry ships model and tokenizer in one file

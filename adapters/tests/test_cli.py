@@ -168,6 +168,30 @@ def test_recipe_options_reach_every_ratio_and_the_report(tiny_folder, tmp_path):
         assert payload["details"]["selection"] == "obs" and payload["details"]["ridge"] == 0.01
 
 
+def test_eval_of_a_folder_saved_from_python_finds_its_tokenizer(tiny_folder, tmp_path, capsys):
+    """A folder written by save_compressed has no report.json: a tokenizer saved beside it is used,
+    and without one the error says what to do."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    import lrmath_hf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder / "model")
+    lrmath_hf.compress(model, torch.randint(0, model.config.vocab_size, (4, 32)), recipe="svd-llm", ratio=0.3,
+                       progress=False)
+    folder = lrmath_hf.save_compressed(model, tmp_path / "py")
+    argv = ["eval", str(folder), "--text", str(tiny_folder / "text.txt"), "--seq-len", "32", "--eval-windows", "2",
+            "--no-speed", "--quiet"]
+    assert main(argv) == 2
+    assert "has no tokenizer and no report.json" in capsys.readouterr().err
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny_folder / "model" / name).exists():
+            shutil.copy(tiny_folder / "model" / name, folder / name)
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+
+
 def test_interrupt_during_a_sweep_leaves_nothing(tiny_folder, tmp_path, monkeypatch, capsys):
     from lrmath_hf import cli
 
