@@ -49,8 +49,9 @@ def perplexity(model, windows, *, batch_size: int = 1, progress: bool = True) ->
     ----------
     model : transformers causal LM
         Returns ``.logits`` of shape ``(batch, seq, vocab)``.
-    windows : torch.Tensor
-        int64 token ids, shape ``(n, seq_len)`` (see :func:`lrmath_hf.data.token_windows`).
+    windows : torch.Tensor or list of torch.Tensor
+        Integer token ids, shape ``(n, seq_len)`` (see :func:`lrmath_hf.data.token_windows`),
+        or a list of such batches (or of 1-D windows) of one ``seq_len``.
     batch_size : int, optional
         Windows per forward pass.
     progress : bool, optional
@@ -61,6 +62,14 @@ def perplexity(model, windows, *, batch_size: int = 1, progress: bool = True) ->
     float
         ``exp(mean NLL)`` over the ``n * (seq_len - 1)`` predicted tokens.
 
+    Raises
+    ------
+    ValueError
+        No windows, windows shorter than 2 tokens or of different lengths, token ids
+        outside the model's vocabulary, ``batch_size < 1``.
+    TypeError
+        Windows that are not integer token ids.
+
     Notes
     -----
     Each window is scored on its own (no context from the previous one), the log-softmax
@@ -68,9 +77,23 @@ def perplexity(model, windows, *, batch_size: int = 1, progress: bool = True) ->
     """
     from tqdm.auto import tqdm
 
-    windows = torch.as_tensor(windows, dtype=torch.long)
-    if windows.ndim != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must have shape (n, seq_len >= 2), got {tuple(windows.shape)}")
+    if isinstance(windows, (list, tuple)) and windows and all(isinstance(w, torch.Tensor) for w in windows):
+        if len({w.shape[-1] for w in windows}) != 1:
+            raise ValueError(f"windows of different lengths {sorted({w.shape[-1] for w in windows})}: "
+                             "perplexity averages over windows of one seq_len")
+        windows = torch.cat([w.reshape(-1, w.shape[-1]) for w in windows])  # a list of batches
+    windows = torch.as_tensor(windows)
+    if windows.is_floating_point() or windows.is_complex() or windows.dtype == torch.bool:
+        raise TypeError(f"windows must be integer token ids, got {windows.dtype}")
+    windows = windows.long()
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"windows must have shape (n >= 1, seq_len >= 2), got {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(windows.min()), int(windows.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"windows hold token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab})")
     device = _device(model)
     total_nll, total_tokens = 0.0, 0
     starts = range(0, windows.shape[0], batch_size)

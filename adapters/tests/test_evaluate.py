@@ -204,3 +204,24 @@ def test_paired_score_test_is_wilcoxons_exact_test_on_group_means():
         evaluate.paired_score_test(a, b[:3])
     with pytest.raises(ValueError, match="one id per score"):
         evaluate.paired_score_test(a, b, groups=g[:2])
+
+
+def test_perplexity_takes_a_list_of_batches_and_refuses_what_it_cannot_score():
+    from ._tiny_models import tiny_model, token_batch
+
+    model = tiny_model("llama", dtype=torch.float32)
+    batches = [token_batch(seed=1), token_batch(seed=2)]
+    assert evaluate.perplexity(model, batches, progress=False) == evaluate.perplexity(
+        model, torch.cat(batches), progress=False)
+    cases = [
+        (torch.zeros((0, 16), dtype=torch.long), ValueError, r"n >= 1, seq_len >= 2"),
+        (torch.zeros((2, 1), dtype=torch.long), ValueError, r"n >= 1, seq_len >= 2"),
+        (torch.full((2, 8), 128), ValueError, r"token ids in \[128, 128\], outside the model's vocabulary \[0, 128\)"),
+        (torch.zeros((2, 8)), TypeError, "integer token ids, got torch.float32"),
+        ([token_batch(length=5), token_batch(length=7)], ValueError, r"different lengths \[5, 7\]"),
+    ]
+    for windows, error, match in cases:
+        with pytest.raises(error, match=match):
+            evaluate.perplexity(model, windows, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate.perplexity(model, batches, batch_size=0, progress=False)
