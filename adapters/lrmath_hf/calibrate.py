@@ -118,6 +118,12 @@ def to_input_device(batch, model: nn.Module):
     return batch.to(device)
 
 
+def pixel_values(batch) -> torch.Tensor:
+    """The images of a ViT batch: the tensor itself, or its ``pixel_values`` entry (a dict or a
+    ``BatchFeature``, which is a mapping but not a dict)."""
+    return batch["pixel_values"] if isinstance(batch, Mapping) else batch
+
+
 def _model_call(model: nn.Module, batch) -> None:
     batch = to_input_device(batch, model)
     if isinstance(batch, Mapping):

@@ -61,7 +61,7 @@ def _require_decoder(model, name: str) -> None:
 
 def _options(pairs: list[str] | None, recipe: str) -> dict:
     """``--option KEY=VALUE`` pairs as recipe options (VALUE read as JSON, else kept as text), checked."""
-    from .recipes import recipe_options
+    from .recipes import check_options
 
     options = {}
     for pair in pairs or []:
@@ -72,11 +72,10 @@ def _options(pairs: list[str] | None, recipe: str) -> dict:
             options[key] = json.loads(text)
         except json.JSONDecodeError:
             options[key] = text
-    accepted = recipe_options(recipe)
-    unknown = sorted(set(options) - set(accepted or options) | ({"stats"} & set(options)))
-    if unknown:
-        raise CLIError(f"recipe {recipe!r} has no option {', '.join(map(repr, unknown))}; "
-                       f"its options: {', '.join(o for o in accepted or () if o != 'stats')}")
+    try:
+        check_options(recipe, options, hidden=("stats",))  # statistics are data, not a command-line setting
+    except TypeError as exc:
+        raise CLIError(str(exc)) from None
     return options
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "IMAGENET_STD",
     "token_windows",
     "protocol_windows",
+    "check_vocabulary",
     "to_tensor_images",
     "preprocess_images",
     "random_crops",
@@ -33,6 +34,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Tokens kept beyond the last window when only a prefix is tokenised: the cut can only
 # change the last pre-token, so everything this far before it tokenises as in the whole text.
 _PREFIX_MARGIN = 256
+
+
+def check_vocabulary(ids: torch.Tensor, model, what: str) -> None:
+    """Refuse token ids outside ``model``'s input vocabulary; ``what`` names them in the error.
+
+    The embedding would otherwise fail deep inside the forward with ``index out of range``.
+    """
+    if not ids.numel():
+        return
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None) or model.config.vocab_size
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{what} has token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab})")
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import check_vocabulary
 from .latency import _sync  # CUDA work is asynchronous: wait for it before reading the clock
 # the paired tests live in their own module; they are part of this one's API
 from .significance import PairedScoreTest, PairedTest, paired_accuracy_test, paired_score_test
@@ -90,10 +91,7 @@ def perplexity(model, windows, *, batch_size: int = 1, progress: bool = True) ->
         raise ValueError(f"windows must have shape (n >= 1, seq_len >= 2), got {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    vocab = model.get_input_embeddings().num_embeddings
-    low, high = int(windows.min()), int(windows.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"windows hold token ids in [{low}, {high}], outside the model's vocabulary [0, {vocab})")
+    check_vocabulary(windows, model, "the windows tensor")
     device = _device(model)
     total_nll, total_tokens = 0.0, 0
     starts = range(0, windows.shape[0], batch_size)

@@ -12,8 +12,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .data import check_vocabulary
 from .modules import count_parameters
-from .recipes import get_recipe, recipe_options
+from .recipes import check_options, get_recipe
 from .recipes.common import linear_parameters
 from .specs import get_spec
 
@@ -99,14 +100,6 @@ def calibration_batches(calibration, *, tokenizer=None, seq_len: int = 512, n_wi
     return batches
 
 
-def _check_options(recipe: str, options: dict) -> None:
-    accepted = recipe_options(recipe)
-    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
-    if unknown:
-        raise TypeError(f"recipe {recipe!r} has no option {', '.join(map(repr, unknown))}; "
-                        f"its options: {', '.join(accepted)}")
-
-
 def _check_batches(model: nn.Module, spec, batches: list) -> None:
     """Refuse calibration batches the model cannot read, naming the batch (before any work is done)."""
     key = "input_ids" if spec.kind == "decoder" else "pixel_values"
@@ -124,11 +117,7 @@ def _check_batches(model: nn.Module, spec, batches: list) -> None:
             if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
                 raise TypeError(f"calibration batch {i} holds {x.dtype} values: a {spec.model_type} model "
                                 "calibrates on token ids (an integer tensor); pass text with tokenizer=")
-            embeddings = model.get_input_embeddings()
-            vocab = getattr(embeddings, "num_embeddings", None) or model.config.vocab_size
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
-                raise ValueError(f"calibration batch {i} has token ids in [{int(x.min())}, {int(x.max())}], "
-                                 f"outside the model's vocabulary [0, {vocab})")
+            check_vocabulary(x, model, f"calibration batch {i}")
         elif not x.is_floating_point() or x.ndim != 4:
             raise ValueError(f"calibration batch {i} ({x.dtype}, shape {tuple(x.shape)}) is not pixel values: "
                              f"a {spec.model_type} model calibrates on float (batch, channels, height, width) images")
@@ -189,7 +178,7 @@ def compress(model: nn.Module, calibration: Iterable | str | torch.Tensor, *, re
         raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
     spec = get_spec(model)
     run = get_recipe(recipe)
-    _check_options(recipe, options)
+    check_options(recipe, options)
     batches = calibration_batches(calibration, tokenizer=tokenizer)
     _check_batches(model, spec, batches)
     was_training = model.training

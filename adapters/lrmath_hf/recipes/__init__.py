@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["RecipeResult", "register", "get_recipe", "available_recipes", "recipe_options"]
+__all__ = ["RecipeResult", "register", "get_recipe", "available_recipes", "recipe_options", "check_options"]
 
 
 @dataclass
@@ -94,3 +94,17 @@ def recipe_options(name: str) -> tuple[str, ...] | None:
             return None
         names += [n for n in recipe_options(target) or () if n not in names]
     return tuple(names)
+
+
+def check_options(name: str, options, *, hidden: tuple[str, ...] = ()) -> None:
+    """Raise TypeError naming the ``options`` recipe ``name`` does not take, and listing those it does.
+
+    ``hidden``: options refused here although the recipe takes them (the command line's ``stats``,
+    which is data, not a setting), and left out of the list.
+    """
+    accepted = recipe_options(name)
+    given = set(options)
+    unknown = sorted((given - set(accepted or given)) | (given & set(hidden)))
+    if unknown:
+        shown = ", ".join(o for o in accepted or () if o not in hidden)
+        raise TypeError(f"recipe {name!r} has no option {', '.join(map(repr, unknown))}; its options: {shown}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 import lrmath
 
-from ..calibrate import _layer_output, to_input_device
+from ..calibrate import _layer_output, pixel_values, to_input_device
 from ..latency import LatencyTable, time_models
 from ..modules import FactorizedLinear
 from ..specs import ArchSpec, get_linear, iter_layers, set_linear
@@ -123,7 +122,7 @@ class _FeatureProbe:
 
 
 def _pixels(batches, count: int) -> torch.Tensor:
-    return torch.cat([b["pixel_values"] if isinstance(b, Mapping) else b for b in batches])[:count]
+    return torch.cat([pixel_values(b) for b in batches])[:count]
 
 
 def _uniform_rank(m: int, n: int, ratio: float) -> int:

@@ -9,7 +9,6 @@ multiple of its Ledoit-Wolf intensity with the least held-out truncation error
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 import lrmath
 from lrmath.shrinkage import TARGETS
 
-from ..calibrate import CalibrationResult, LayerStats
+from ..calibrate import CalibrationResult, LayerStats, pixel_values
 
 HELDOUT_GRID = (0.0, 1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0)  # multiples of the Ledoit-Wolf intensity
 IDENTITY_ONLY = ("oas", "reference", "none")  # estimators defined with the target mu I
@@ -44,7 +43,7 @@ def fold_batches(batches, folds: int = 2) -> list[list]:
 
     With fewer batches than folds, the images of every batch are dealt out the same way.
     """
-    batches = [b["pixel_values"] if isinstance(b, Mapping) else b for b in batches]
+    batches = [pixel_values(b) for b in batches]
     if len(batches) < folds:
         batches = [image[None] for b in batches for image in b]
     if len(batches) < folds:
