@@ -1,7 +1,9 @@
 """Quality and speed of a (compressed) model: perplexity, tokens/s, ViT feature fidelity, linear probe.
 
 Every function takes the model as it is (dense, compressed or reloaded) and changes
-nothing in it; all run under ``torch.inference_mode``.
+nothing in it; all run under ``torch.inference_mode``. The ViT measures live in
+:mod:`lrmath_hf.vision_eval` and the paired tests in :mod:`lrmath_hf.significance`; both
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data import check_vocabulary
 from .latency import _sync  # CUDA work is asynchronous: wait for it before reading the clock
-# the paired tests live in their own module; they are part of this one's API
+# the paired tests and the ViT measures live in their own modules; they are part of this one's API
 from .significance import PairedScoreTest, PairedTest, paired_accuracy_test, paired_score_test
+from .vision_eval import (FeatureFidelity, feature_fidelity, fit_linear_probe, linear_probe_accuracy,
+                          linear_probe_correct, vit_features)
 
 __all__ = [
     "perplexity",
@@ -272,150 +275,3 @@ def throughput_interleaved(models: dict, tokenizer_or_ids, *, prefill_tokens: in
         for name in (order if run % 2 == 0 else order[::-1]):
             speeds[name].round(record=run > 0)
     return {name: speed.result() for name, speed in speeds.items()}
-
-
-@torch.inference_mode()
-def _hidden_states(model, pixel_values, batch_size: int) -> torch.Tensor:
-    """Final (post-layernorm) token features, float32, on the CPU."""
-    # A model with a head (ViTForImageClassification) is measured on its backbone.
-    model = model.base_model
-    device = _device(model)
-    dtype = next(model.parameters()).dtype
-    outs = []
-    for start in range(0, pixel_values.shape[0], batch_size):
-        batch = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
-        outs.append(model(pixel_values=batch).last_hidden_state.float().cpu())
-    return torch.cat(outs)
-
-
-@dataclass(frozen=True)
-class FeatureFidelity:
-    """Agreement of a compressed ViT's final features with the dense model's, averaged over images.
-
-    The ``*_per_image`` tuples keep each image's value (in input order) for paired tests
-    (:func:`paired_score_test`).
-    """
-
-    cls_cosine: float
-    patch_cosine: float
-    relative_error: float
-    n_images: int
-    cls_cosine_per_image: tuple[float, ...] = ()
-    relative_error_per_image: tuple[float, ...] = ()
-
-
-def feature_fidelity(dense_model, compressed_model, pixel_values, *, batch_size: int = 16) -> FeatureFidelity:
-    """Cosine similarity and relative error of final ViT features against the dense model.
-
-    Parameters
-    ----------
-    dense_model, compressed_model : transformers vision model
-        Both return ``last_hidden_state`` of shape ``(n, 1 + patches, hidden)``.
-    pixel_values : torch.Tensor
-        ``(n, 3, H, W)``, e.g. from :func:`lrmath_hf.data.preprocess_images`.
-    batch_size : int, optional
-
-    Returns
-    -------
-    FeatureFidelity
-        ``cls_cosine``: cosine of the CLS token; ``patch_cosine``: cosine of each patch
-        token, averaged over patches; ``relative_error``: ``||F_c - F_d||_F / ||F_d||_F``
-        of all final tokens.  Each is computed per image, then averaged over images.
-    """
-    dense = _hidden_states(dense_model, pixel_values, batch_size).double()
-    compressed = _hidden_states(compressed_model, pixel_values, batch_size).double()
-    cls_cos = F.cosine_similarity(dense[:, 0], compressed[:, 0], dim=-1)
-    patch_cos = F.cosine_similarity(dense[:, 1:], compressed[:, 1:], dim=-1).mean(dim=1)
-    rel = (compressed - dense).flatten(1).norm(dim=1) / dense.flatten(1).norm(dim=1)
-    return FeatureFidelity(
-        cls_cosine=float(cls_cos.mean()),
-        patch_cosine=float(patch_cos.mean()),
-        relative_error=float(rel.mean()),
-        n_images=int(dense.shape[0]),
-        cls_cosine_per_image=tuple(float(v) for v in cls_cos),
-        relative_error_per_image=tuple(float(v) for v in rel),
-    )
-
-
-def vit_features(model, pixel_values, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Probe features of a ViT: the CLS token concatenated with the mean patch token.
-
-    Parameters
-    ----------
-    model : transformers vision model
-    pixel_values : torch.Tensor
-        ``(n, 3, H, W)``.
-    batch_size : int, optional
-    progress : bool, optional
-        Show a tqdm bar.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32, shape ``(n, 2 * hidden)``.
-
-    Notes
-    -----
-    DINOv2's standard linear-probe features (Oquab et al., 2023, section 7).
-    """
-    from tqdm.auto import tqdm
-
-    feats = []
-    starts = range(0, pixel_values.shape[0], batch_size)
-    for start in tqdm(starts, desc="features", unit="batch", disable=not progress):
-        hidden = _hidden_states(model, pixel_values[start : start + batch_size], batch_size)
-        feats.append(torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1))
-    return torch.cat(feats).numpy()
-
-
-def fit_linear_probe(features, labels, *, C: float = 1.0, max_iter: int = 2000):
-    """Fit a logistic-regression probe on frozen (dense) features.
-
-    Parameters
-    ----------
-    features : array, shape (n, d)
-        From :func:`vit_features` of the DENSE backbone on the training split.
-    labels : array, shape (n,)
-    C : float, optional
-        Inverse L2 strength of scikit-learn's ``LogisticRegression``.
-    max_iter : int, optional
-
-    Returns
-    -------
-    sklearn.pipeline.Pipeline
-        Standardisation (statistics of the dense training features) then the classifier;
-        keep it fixed and score compressed backbones with :func:`linear_probe_accuracy`.
-    """
-    try:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-    except ImportError as exc:
-        raise ModuleNotFoundError("the linear probe needs scikit-learn: pip install scikit-learn") from exc
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
-    return probe.fit(np.asarray(features, dtype=np.float64), np.asarray(labels))
-
-
-def linear_probe_accuracy(probe, features, labels) -> float:
-    """Top-1 accuracy of a fitted probe on features of the held-out split.
-
-    Parameters
-    ----------
-    probe : sklearn estimator
-        From :func:`fit_linear_probe` (fitted on dense features).
-    features : array, shape (n, d)
-        :func:`vit_features` of the backbone being scored (dense or compressed).
-    labels : array, shape (n,)
-
-    Returns
-    -------
-    float
-        Fraction of correct predictions, in [0, 1].
-    """
-    return float(np.mean(linear_probe_correct(probe, features, labels)))
-
-
-def linear_probe_correct(probe, features, labels) -> np.ndarray:
-    """Per-example correctness (bool, shape ``(n,)``) of a fitted probe; what
-    :func:`paired_accuracy_test` compares and :func:`linear_probe_accuracy` averages."""
-    return probe.predict(np.asarray(features, dtype=np.float64)) == np.asarray(labels)
