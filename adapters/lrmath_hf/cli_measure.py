@@ -66,9 +66,13 @@ def paired_speed(dense, compressed, tokenizer, eval_windows, args) -> tuple[dict
         {**_speed_fields(both["compressed"], args), "speed_timing": "interleaved"}
 
 
-def table(before: dict, after: dict) -> str:
-    rows = [("parameters", "{:,}"), ("perplexity", "{:.2f}"), ("prefill_tokens_per_s", "{:.0f}"),
-            ("decode_tokens_per_s", "{:.1f}"), ("file_bytes", "{:,}")]
+_TEXT_ROWS = [("parameters", "{:,}"), ("perplexity", "{:.2f}"), ("prefill_tokens_per_s", "{:.0f}"),
+              ("decode_tokens_per_s", "{:.1f}"), ("file_bytes", "{:,}")]
+
+
+def table(before: dict, after: dict, *, rows=None) -> str:
+    """Dense, compressed and their ratio for each ``(key, format)`` of ``rows`` that both measured."""
+    rows = _TEXT_ROWS if rows is None else rows
     lines = [f"{'':24}{'dense':>16}{'compressed':>16}{'ratio':>9}"]
     for key, fmt in rows:
         if key in before and key in after:
@@ -77,8 +81,9 @@ def table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def ratio_table(dense: dict, rows: list[dict]) -> str:
-    cols = [("removed", lambda r: f"{100 * r['ratio_achieved']:.1f}%" if "ratio_achieved" in r else "-"),
+def ratio_table(dense: dict, rows: list[dict], *, cols=None) -> str:
+    """One line for the dense model and one per ratio; ``cols`` = ``(title, row -> text)`` pairs."""
+    cols = cols or [("removed", lambda r: f"{100 * r['ratio_achieved']:.1f}%" if "ratio_achieved" in r else "-"),
             ("parameters", lambda r: f"{r['parameters']:,}"),
             ("file MB", lambda r: f"{r['file_bytes'] / 1e6:.2f}" if "file_bytes" in r else "-"),
             ("perplexity", lambda r: f"{r['perplexity']:.2f}" if "perplexity" in r else "-"),

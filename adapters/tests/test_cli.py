@@ -62,15 +62,16 @@ def test_bad_recipe_options_are_refused_before_any_work(options, message, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_an_encoder_is_refused_with_the_python_route(tmp_path, capsys):
+def test_an_encoder_folder_saved_from_python_is_evaluated_on_images(tmp_path, capsys):
+    """No report.json names a reference: parameters and latency, no fidelity (test_cli_vision has the rest)."""
     from lrmath_hf.io import save_compressed
 
     from .test_vision_specs import tiny_vision_model
 
-    folder = save_compressed(tiny_vision_model("dinov2"), tmp_path / "vit")
-    assert main(["eval", str(folder)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "dinov2 encoder" in err and "recipe='flar'" in err and len(err.splitlines()) == 1
+    folder = save_compressed(tiny_vision_model("dinov2", dtype=torch.float32), tmp_path / "vit")
+    assert main(["eval", str(folder), "--image-size", "56", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["parameters"] > 0 and result["latency_ms"] > 0 and "cls_cosine" not in result
 
 
 def test_module_entry_point_prints_help():
@@ -193,10 +194,10 @@ def test_eval_of_a_folder_saved_from_python_finds_its_tokenizer(tiny_folder, tmp
 
 
 def test_interrupt_during_a_sweep_leaves_nothing(tiny_folder, tmp_path, monkeypatch, capsys):
-    from lrmath_hf import cli
+    from lrmath_hf import cli_text
 
     calls = []
-    real_save = cli._save
+    real_save = cli_text._save
 
     def save_then_interrupt(*args, **kwargs):
         calls.append(1)
@@ -204,7 +205,7 @@ def test_interrupt_during_a_sweep_leaves_nothing(tiny_folder, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "_save", save_then_interrupt)
+    monkeypatch.setattr(cli_text, "_save", save_then_interrupt)
     assert _compress(tiny_folder, tmp_path / "sweep", 0.2, 0.4, extra=["--no-speed"]) == 130
     assert "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists() and _no_staging_left(tmp_path)

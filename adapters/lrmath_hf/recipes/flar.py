@@ -285,7 +285,8 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
             final, details["ranks_imposed"], details["forward_passes"] = imposed, True, {"search": 0}
         else:
             final = _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, details,
-                            search_images=search_images, multiple=multiple, memo=search_memo, memo_key=memo_key)
+                            search_images=search_images, multiple=multiple, memo=search_memo, memo_key=memo_key,
+                            progress=progress)
 
     measure = latency_aware if measure_latency is None else measure_latency
     dense_copy = copy.deepcopy(model) if measure else None
@@ -329,8 +330,17 @@ def _imposed_ranks(ranks, keys, shapes) -> list[int | None]:
     return out
 
 
+def _searching(keys, progress: bool, what: str):
+    """``keys``, under a tqdm bar where the search runs forward passes (a minute on DINOv2-S, one CPU)."""
+    if not progress:
+        return keys
+    from tqdm.auto import tqdm
+
+    return tqdm(keys, desc=what, unit="linear")
+
+
 def _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, details, *, search_images,
-            multiple, memo, memo_key):
+            multiple, memo, memo_key, progress=False):
     """Final ranks (``None`` = dense); fills ``details`` with thresholds, searches and forward passes."""
     keys = list(linears)
     shapes = [linears[k].shape for k in keys]
@@ -355,7 +365,8 @@ def _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, d
 
     if allocation == "slope":
         if criterion == "feature":  # measured gain: NMSE per unit of dropped whitened energy
-            gain = [nmse(k, r) / max(float(linears[k].energy[r:].sum()), 1e-300) for k, r in zip(keys, uniform)]
+            gain = [nmse(k, r) / max(float(linears[k].energy[r:].sum()), 1e-300)
+                    for k, r in zip(_searching(keys, progress, "feature gain"), uniform)]
         else:  # relative whitened energy: 1 - cos ~ tail / (2 ||W S||^2)
             gain = [1.0 / max(float(linears[k].energy.sum()), 1e-300) for k in keys]
         details["gain"] = {f"{k[0]}.{k[1]}": g for k, g in zip(keys, gain)}
@@ -371,7 +382,7 @@ def _decide(model, spec, batches, linears, ratio, criterion, allocation, caps, d
             threshold = 1.0 - float(np.mean([float(cosine[k][r - 1]) for k, r in zip(keys, uniform)]))
             error = lambda key, r: 1.0 - float(cosine[key][r - 1])  # noqa: E731
         searched, calls, non_monotone = [], 0, []
-        for key, shape in zip(keys, shapes):
+        for key, shape in zip(_searching(keys, progress and criterion == "feature", "rank search"), shapes):
             seen = {}
             res = lrmath.bisect_rank(lambda r: seen.setdefault(r, error(key, r)) <= threshold, multiple,
                                      lrmath.k_equiv(*shape) - 1, multiple=multiple)

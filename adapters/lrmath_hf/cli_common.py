@@ -1,0 +1,117 @@
+"""What both halves of the ``lrmath`` command share: one-line errors, devices, ratios, options, output folders.
+
+:mod:`lrmath_hf.cli` runs decoders on text, :mod:`lrmath_hf.cli_vision` ViT-family
+encoders on images; :func:`model_kind` tells them apart before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+__all__ = ["CLIError", "model_kind", "recipe_options_from", "device_from", "check_ratios", "ratio_folder",
+           "publish", "write_plots_if_possible"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def model_kind(name: str) -> str | None:
+    """``"decoder"`` or ``"encoder"`` for a zoo name, ``.gguf`` file, saved folder or hub id, read from
+    its config alone; ``None`` where that cannot be read (the loader then says why)."""
+    from . import zoo
+
+    if name in zoo.MODELS:
+        return zoo.MODELS[name]["kind"]
+    if name.endswith(".gguf"):
+        return "decoder"
+    try:
+        from transformers import AutoConfig
+
+        from . import specs_vision  # noqa: F401  (registers the ViT families)
+        from .specs import get_spec
+
+        return get_spec(AutoConfig.from_pretrained(name)).kind
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def recipe_options_from(pairs: list[str] | None, recipe: str) -> dict:
+    """``--option KEY=VALUE`` pairs as recipe options (VALUE read as JSON, else kept as text), checked."""
+    from .recipes import check_options
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    try:
+        # statistics are data, not a command-line setting
+        check_options(recipe, options, hidden=("stats", "statistics", "search_memo", "latency_table"))
+    except TypeError as exc:
+        raise CLIError(str(exc)) from None
+    return options
+
+
+def device_from(name: str):
+    """The ``--device`` argument as a torch device: ``auto`` is CUDA where present, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {name!r}: supported are cpu, cuda, cuda:N and auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: this torch sees no CUDA device (torch {torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def check_ratios(ratios: list[float]) -> list[float]:
+    """Each ratio in (0, 1), and no two written to the same folder."""
+    seen: dict[str, float] = {}
+    for ratio in ratios:
+        if not 0.0 < ratio < 1.0:
+            raise CLIError(f"--ratio must be in (0, 1), got {ratio}")
+        name = ratio_folder(ratio)
+        if name in seen and seen[name] == ratio:
+            raise CLIError(f"--ratio lists {ratio} twice; give each ratio once")
+        if name in seen:
+            raise CLIError(f"--ratio lists {seen[name]} and {ratio}: both would be written to {name}; "
+                           "give each ratio once")
+        seen[name] = ratio
+    return ratios
+
+
+def ratio_folder(ratio: float) -> str:
+    """``ratio-0.20``; more digits only where two decimals would round the ratio."""
+    text = f"{ratio:.2f}"
+    return f"ratio-{text if float(text) == ratio else format(ratio, '.6g')}"
+
+
+def publish(built: Path, out: Path) -> None:
+    """Move a finished staging folder into place (replacing ``out``, which ``--overwrite`` allowed)."""
+    if out.exists():
+        shutil.rmtree(out)
+    built.rename(out)
+
+
+def write_plots_if_possible(report, folder: Path, model) -> None:
+    try:
+        from .plots import write_plots
+        from .specs import get_spec
+
+        write_plots(report, folder, spec=get_spec(model))
+    except ImportError:  # matplotlib is optional
+        pass
