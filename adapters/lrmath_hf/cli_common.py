@@ -7,11 +7,16 @@ encoders on images; :func:`model_kind` tells them apart before a model is loaded
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["CLIError", "model_kind", "recipe_options_from", "device_from", "check_ratios", "ratio_folder",
-           "publish", "write_plots_if_possible"]
+           "staged", "publish", "save_folder"]
 
 
 class CLIError(Exception):
@@ -100,6 +105,23 @@ def ratio_folder(ratio: float) -> str:
     return f"ratio-{text if float(text) == ratio else format(ratio, '.6g')}"
 
 
+@contextmanager
+def staged(out: Path):
+    """An empty folder to build ``out`` in, hidden beside it; removed afterwards, whatever happens.
+
+    The caller moves what it built into place with :func:`publish` as its last step, so a
+    failure or Ctrl-C leaves nothing half-written.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        root = staging / "result"
+        root.mkdir()
+        yield root
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def publish(built: Path, out: Path) -> None:
     """Move a finished staging folder into place (replacing ``out``, which ``--overwrite`` allowed)."""
     if out.exists():
@@ -107,7 +129,25 @@ def publish(built: Path, out: Path) -> None:
     built.rename(out)
 
 
-def write_plots_if_possible(report, folder: Path, model) -> None:
+def save_folder(model, report, folder: Path, args, ratio: float, before: dict, after: dict, started: float, *,
+                processor=None) -> dict:
+    """Write the loadable folder (with ``processor``, if given), report.json and plots; return the payload."""
+    from .io import save_compressed
+
+    payload = report.to_dict()
+    save_compressed(model, folder, report=payload, recipe=args.recipe, options={"ratio": ratio})
+    if processor is not None and hasattr(processor, "save_pretrained"):
+        processor.save_pretrained(folder)  # lrmath eval reads the normalisation back
+    after["file_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    before.setdefault("file_bytes", before["parameters"] * next(model.parameters()).element_size())
+    payload.update(model=args.model, before=before, after=after, command=shlex.join(sys.argv),
+                   wall_seconds=time.perf_counter() - started)
+    (folder / "report.json").write_text(json.dumps(payload, indent=2, default=str))
+    _write_plots(report, folder, model)
+    return payload
+
+
+def _write_plots(report, folder: Path, model) -> None:
     try:
         from .plots import write_plots
         from .specs import get_spec

@@ -13,13 +13,12 @@ from __future__ import annotations
 import copy
 import json
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from .cli_common import CLIError, publish, ratio_folder, write_plots_if_possible
+from .cli_common import CLIError, publish, ratio_folder, staged
+from .cli_common import save_folder as _save  # module-level name: a test interrupts a sweep through it
 from .cli_measure import measure, paired, paired_speed, ratio_table, table
 
 __all__ = ["compress_decoder", "eval_decoder"]
@@ -89,21 +88,6 @@ def _windows(tokenizer, text: str, seq_len: int, n: int, what: str):
     return windows[:n]
 
 
-def _save(model, report, folder: Path, args, ratio: float, before: dict, after: dict, started: float) -> dict:
-    """Write the loadable folder with report.json and plots; return the report payload."""
-    from .io import save_compressed
-
-    payload = report.to_dict()
-    save_compressed(model, folder, report=payload, recipe=args.recipe, options={"ratio": ratio})
-    after["file_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    before.setdefault("file_bytes", before["parameters"] * next(model.parameters()).element_size())
-    payload.update(model=args.model, before=before, after=after, command=shlex.join(sys.argv),
-                   wall_seconds=time.perf_counter() - started)
-    (folder / "report.json").write_text(json.dumps(payload, indent=2, default=str))
-    write_plots_if_possible(report, folder, model)
-    return payload
-
-
 def _prepare(args):
     """Load the model (onto ``--device``) and the calibration / evaluation windows (on the host)."""
     model, tokenizer = _load(args.model, args.device_obj)
@@ -135,14 +119,9 @@ def compress_decoder(args, ratios: list[float], out: Path) -> int:
         before.update(dense_speed)
         after.update(compressed_speed)
         del dense
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        folder = staging / "model"
-        _save(model, report, folder, args, ratio, before, after, started)
-        publish(folder, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged(out) as root:
+        _save(model, report, root / "model", args, ratio, before, after, started)
+        publish(root / "model", out)
     print(report.summary())
     print(table(before, after))
     print(f"saved to {out} (load with lrmath_hf.load_compressed)")
@@ -174,12 +153,8 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
         calib_seconds = time.perf_counter() - t0
         if not args.quiet:
             print(f"calibrated once for {len(ratios)} ratios: {stats.tokens:,} tokens in {calib_seconds:.1f} s")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     rows = []
-    try:
-        root = staging / "result"
-        root.mkdir()
+    with staged(out) as root:
         for ratio in ratios:
             t0 = time.perf_counter()
             trial = copy.deepcopy(model)
@@ -223,8 +198,6 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
             except ImportError:  # matplotlib is optional
                 pass
         publish(root, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(ratio_table(before, rows))
     print(f"saved {len(rows)} models to {out}/ratio-*/ (load each with lrmath_hf.load_compressed); "
           f"summary in {out / 'summary.json'}")

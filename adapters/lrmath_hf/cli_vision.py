@@ -19,11 +19,11 @@ import dataclasses
 import json
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from .cli_common import CLIError, publish, ratio_folder, write_plots_if_possible
+from .cli_common import CLIError, publish, ratio_folder, staged
+from .cli_common import save_folder as _save  # module-level name: a test interrupts a sweep through it
 from .cli_measure import ratio_table, table
 
 __all__ = ["compress_encoder", "eval_encoder", "load_encoder", "check_image_args", "IMAGE_SOURCES"]
@@ -208,27 +208,12 @@ def _statistics(model, spec, batches, recipe: str, quiet: bool) -> dict:
     return {}
 
 
-def _save(model, report, folder: Path, args, processor, ratio: float, before: dict, after: dict,
-          started: float) -> dict:
-    from .io import save_compressed
-
-    payload = report.to_dict()
-    save_compressed(model, folder, report=payload, recipe=args.recipe, options={"ratio": ratio})
-    if processor is not None and hasattr(processor, "save_pretrained"):
-        processor.save_pretrained(folder)  # lrmath eval reads the normalisation back
-    after["file_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    payload.update(model=args.model, before=before, after=after, command=shlex.join(sys.argv),
-                   wall_seconds=time.perf_counter() - started)
-    (folder / "report.json").write_text(json.dumps(payload, indent=2, default=str))
-    write_plots_if_possible(report, folder, model)
-    return payload
-
-
 def compress_encoder(args, ratios: list[float], out: Path) -> int:
     """Compress an encoder at each ratio; one folder (one ratio) or ``ratio-*/`` and summary.json (several)."""
     import torch
 
     from .latency import device_name
+    from .modules import count_parameters
     from .pipeline import compress
     from .specs import get_spec
 
@@ -240,17 +225,13 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
     evaluation = evaluation_pixels(args, size, norm)
     source = f"{args.calib}: {sum(len(b) for b in batches)} images at {size} px"
     probe = _probe(model, norm, args.quiet) if args.probe else None
-    before = {"parameters": sum(p.numel() for p in model.parameters())}
+    before = {"parameters": count_parameters(model)}
     before["file_bytes"] = before["parameters"] * next(model.parameters()).element_size()
     if probe is not None:
         before["probe_top1_percent"] = 100 * probe.reference_accuracy
     shared = _statistics(model, get_spec(model), batches, args.recipe, args.quiet) if len(ratios) > 1 else {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     rows = []
-    try:
-        root = staging / "result"
-        root.mkdir()
+    with staged(out) as root:
         for ratio in ratios:
             t0 = time.perf_counter()
             trial = copy.deepcopy(model)
@@ -265,34 +246,32 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
                 after.update(latency_ms=1e3 * seconds["compressed"], latency_device=device_name(args.device_obj))
                 before.setdefault("latency_ms", dense_here["latency_ms"])
             name = ratio_folder(ratio)
-            _save(trial, report, root / name, args, processor, ratio, dense_here, after, t0)
+            _save(trial, report, root / name, args, ratio, dense_here, after, t0, processor=processor)
             rows.append({"folder": name, "ratio_requested": ratio, "ratio_achieved": report.ratio_achieved,
                          "model_ratio_achieved": report.model_ratio_achieved, **after,
                          "dense_latency_ms": dense_here.get("latency_ms"),
                          "compress_seconds": report.timings.get("total")})
-            if len(ratios) == 1:
-                publish(root / name, out)
-                print(report.summary())
-                print(table(dense_here, after, rows=_ROWS))
-                print(_fidelity_line(after))
-                print(f"saved to {out} (load with lrmath_hf.load_compressed)")
-                return 0
-            if not args.quiet:
+            if not args.quiet and len(ratios) > 1:
                 print(f"ratio {ratio}: removed {100 * report.ratio_achieved:.1f}% of encoder-linear parameters, "
                       f"CLS cosine {after['cls_cosine']:.4f} -> {name}/")
             del trial
-        summary = {"model": args.model, "recipe": args.recipe, "ratios": ratios, "dense": before, "rows": rows,
-                   "calibration": {"source": source, "shared": bool(shared)},
-                   "command": shlex.join(sys.argv), "wall_seconds": time.perf_counter() - started}
-        (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        publish(root, out)
-    finally:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-    print(ratio_table(before, rows, cols=_ratio_columns(probe is not None)))
-    print(f"saved {len(rows)} models to {out}/ratio-*/ (load each with lrmath_hf.load_compressed); "
-          f"summary in {out / 'summary.json'}")
+        if len(ratios) == 1:  # the folder is the model
+            publish(root / rows[0]["folder"], out)
+        else:
+            summary = {"model": args.model, "recipe": args.recipe, "ratios": ratios, "dense": before, "rows": rows,
+                       "calibration": {"source": source, "shared": bool(shared)},
+                       "command": shlex.join(sys.argv), "wall_seconds": time.perf_counter() - started}
+            (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            publish(root, out)
+    if len(ratios) == 1:
+        print(report.summary())
+        print(table(dense_here, after, rows=_ROWS))
+        print(_fidelity_line(after))
+        print(f"saved to {out} (load with lrmath_hf.load_compressed)")
+    else:
+        print(ratio_table(before, rows, cols=_ratio_columns(probe is not None)))
+        print(f"saved {len(rows)} models to {out}/ratio-*/ (load each with lrmath_hf.load_compressed); "
+              f"summary in {out / 'summary.json'}")
     return 0
 
 
