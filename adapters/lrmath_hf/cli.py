@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     except CLIError as exc:
         print(f"lrmath: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # OSError: a missing folder, an unreachable hub id
         print(f"lrmath: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -28,6 +28,16 @@ def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["compress", "eval"])
+def test_a_folder_that_does_not_exist_is_one_line_error(command, tmp_path, capsys):
+    # (a hub id goes the same way, but without a network each try waits for a timeout)
+    extra = ["--out", str(tmp_path / "o")] if command == "compress" else []
+    assert main([command, str(tmp_path / "no-such-folder"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "neither a zoo name" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("device, message", [("tpu:7", "not a device"), ("nonsense", "not a device"),
                                              ("meta", "supported are")])
 def test_bad_device_is_refused_before_any_work(device, message, tmp_path, capsys):
