@@ -27,7 +27,7 @@ from ..specs import ArchSpec, get_linear, iter_layers, set_linear
 from ..specs_vision import final_norm
 from . import RecipeResult, register
 from .common import group_name, input_plan, run_calibration, timer, weight64
-from .flar_ranks import non_increasing, rescale_ranks, sample_energy, slope_ranks
+from .flar_ranks import imposed_ranks, non_increasing, rescale_ranks, sample_energy, slope_ranks
 from .flar_shrinkage import (HELDOUT_GRID, _check_grid, fold_batches, heldout_error, heldout_intensity,
                              merge_statistics, reference_intensity, resolve_target, shrunk_covariance)
 
@@ -266,7 +266,7 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
                                "whitening_fallbacks": fallbacks}
     if heldout:
         details["heldout_multiple"] = multiples
-    imposed = None if ranks is None else _imposed_ranks(ranks, keys, shapes)
+    imposed = None if ranks is None else imposed_ranks(ranks, keys, shapes)
     caps, table = None, None
     if latency_aware and imposed is None:
         with timer(result.timings, "latency"):
@@ -307,27 +307,6 @@ def run_flar(model, spec: ArchSpec, batches, *, ratio: float, progress: bool = T
             report["predicted_compressed_s"] = measured["dense"] - report["predicted_saving_s"]
     result.details = details
     return result
-
-
-def _imposed_ranks(ranks, keys, shapes) -> list[int | None]:
-    """Check a user's ``ranks`` mapping against the encoder linears; ``None`` = dense, in ``keys`` order."""
-    if not isinstance(ranks, dict):
-        raise TypeError(f"ranks must be a dict {{'layer.role': rank or 'dense'}}, got {type(ranks).__name__}")
-    names = [f"{layer}.{role}" for layer, role in keys]
-    missing, unknown = sorted(set(names) - set(ranks)), sorted(set(ranks) - set(names))
-    if missing or unknown:
-        raise ValueError(f"ranks must name every encoder linear exactly once; missing {missing[:4]}"
-                         f"{' ...' if len(missing) > 4 else ''}, unknown {unknown[:4]}{' ...' if len(unknown) > 4 else ''}")
-    out = []
-    for name, (m, n) in zip(names, shapes):
-        rank = ranks[name]
-        if rank == "dense" or rank is None:
-            out.append(None)
-        elif isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and 1 <= rank <= min(m, n):
-            out.append(int(rank))
-        else:
-            raise ValueError(f"ranks[{name!r}] must be 'dense' or an int in [1, {min(m, n)}], got {rank!r}")
-    return out
 
 
 def _searching(keys, progress: bool, what: str):

@@ -11,7 +11,7 @@ import torch
 
 import lrmath
 
-__all__ = ["non_increasing", "rescale_ranks", "sample_energy", "slope_ranks"]
+__all__ = ["imposed_ranks", "non_increasing", "rescale_ranks", "sample_energy", "slope_ranks"]
 
 
 def _cost(ranks, shapes) -> int:
@@ -126,3 +126,28 @@ def non_increasing(energy):
             blocks[-1] = [(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2]
     out = [max(m, 0.0) for m, n in blocks for _ in range(int(n))]
     return torch.tensor(out, dtype=torch.float64)
+
+
+def imposed_ranks(ranks, keys, shapes) -> list[int | None]:
+    """A user's ``ranks`` (``{"layer.role": rank or "dense"}``) checked against the encoder linears.
+
+    Returns the ranks in ``keys`` order (``(layer, role)`` pairs, ``shapes`` their ``(m, n)``),
+    ``None`` for dense; a missing or unknown name, or a rank outside ``[1, min(m, n)]``, raises.
+    """
+    if not isinstance(ranks, dict):
+        raise TypeError(f"ranks must be a dict {{'layer.role': rank or 'dense'}}, got {type(ranks).__name__}")
+    names = [f"{layer}.{role}" for layer, role in keys]
+    missing, unknown = sorted(set(names) - set(ranks)), sorted(set(ranks) - set(names))
+    if missing or unknown:
+        raise ValueError(f"ranks must name every encoder linear exactly once; missing {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}, unknown {unknown[:4]}{' ...' if len(unknown) > 4 else ''}")
+    out = []
+    for name, (m, n) in zip(names, shapes):
+        rank = ranks[name]
+        if rank == "dense" or rank is None:
+            out.append(None)
+        elif isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and 1 <= rank <= min(m, n):
+            out.append(int(rank))
+        else:
+            raise ValueError(f"ranks[{name!r}] must be 'dense' or an int in [1, {min(m, n)}], got {rank!r}")
+    return out
