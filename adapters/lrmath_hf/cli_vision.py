@@ -41,8 +41,7 @@ _ROWS = [("parameters", "{:,}"), ("latency_ms", "{:.2f}"), ("probe_top1_percent"
 def load_encoder(name: str, device):
     """An encoder (on ``device``) and its image processor (``None`` where none is known).
 
-    A saved folder brings the processor it was saved with, else the one of the base
-    model its ``report.json`` names.
+    A saved folder brings the processor saved in it, if any.
     """
     from . import zoo
     from .specs_vision import sync_mlp_width
@@ -61,16 +60,12 @@ def load_encoder(name: str, device):
 
 
 def _folder_processor(folder: Path):
+    """The image processor saved in ``folder`` (the command saves one); ``None``: ImageNet statistics."""
     if (folder / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
         return AutoImageProcessor.from_pretrained(folder)
-    base = _report_model(folder)
-    if base is None:
-        return None
-    from . import zoo
-
-    return zoo.load_model(base)[1] if base in zoo.MODELS else None
+    return None
 
 
 def _report_model(folder: Path) -> str | None:
@@ -174,7 +169,7 @@ def _latency(models: dict, pixels) -> dict:
     return time_models(models, pixels[:1], **LATENCY_ROUNDS)
 
 
-def _score(dense, compressed, pixels, args, probe: _Probe | None) -> dict:
+def _score(dense, compressed, pixels, probe: _Probe | None) -> dict:
     """Fidelity to ``dense``, and the probe, of ``compressed``."""
     from .modules import count_parameters
     from .vision_eval import feature_fidelity
@@ -194,15 +189,17 @@ def _fidelity_line(after: dict) -> str:
             f"{after['relative_error']:.4f}")
 
 
-def _statistics(model, spec, batches, recipe: str, quiet: bool) -> dict:
-    """Calibration statistics computed once for every ratio, as the recipe's option takes them."""
+def _statistics(model, spec, batches, recipe: str, options: dict, quiet: bool) -> dict:
+    """Calibration statistics computed once for every ratio, as the recipe's option takes them
+    (held-out shrinkage: the two folds it scores on)."""
     from .recipes import recipe_options
     from .recipes.common import run_calibration, union_plan
     from .recipes.flar import flar_statistics
 
     accepted = recipe_options(recipe) or ()
     if "statistics" in accepted:
-        return {"statistics": flar_statistics(model, spec, batches, progress=not quiet)}
+        folds = 2 if options.get("shrinkage") == "heldout" else 1
+        return {"statistics": flar_statistics(model, spec, batches, folds=folds, progress=not quiet)}
     if "stats" in accepted:
         return {"stats": run_calibration(model, spec, batches, union_plan(spec), progress=not quiet)}
     return {}
@@ -229,7 +226,8 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
     before["file_bytes"] = before["parameters"] * next(model.parameters()).element_size()
     if probe is not None:
         before["probe_top1_percent"] = 100 * probe.reference_accuracy
-    shared = _statistics(model, get_spec(model), batches, args.recipe, args.quiet) if len(ratios) > 1 else {}
+    shared = {} if len(ratios) == 1 else _statistics(model, get_spec(model), batches, args.recipe,
+                                                      args.recipe_options, args.quiet)
     rows = []
     with staged(out) as root:
         for ratio in ratios:
@@ -238,7 +236,7 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
             torch.manual_seed(0)
             report = compress(trial, batches, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
                               calibration_source=source, **args.recipe_options, **shared)
-            after = _score(model, trial, evaluation, args, probe)
+            after = _score(model, trial, evaluation, probe)
             dense_here = dict(before)
             if not args.no_speed:  # against the dense model timed in the same rounds
                 seconds = _latency({"dense": model, "compressed": trial}, evaluation)

@@ -111,6 +111,16 @@ def test_another_recipe_runs_and_names_itself_in_the_report(tiny, tmp_path):
     assert report["recipe"] == "svd-llm" and report["before"]["parameters"] > report["after"]["parameters"]
 
 
+def test_heldout_shrinkage_gets_its_two_folds_when_ratios_share_a_calibration(tiny, tmp_path):
+    extra = [*FLAR_FAST, "--option", "shrinkage=heldout", "--no-speed"]
+    assert _compress(tiny, tmp_path / "sweep", 0.3, 0.5, extra=extra) == 0
+    assert _compress(tiny, tmp_path / "one", 0.5, extra=extra) == 0
+    swept = json.loads((tmp_path / "sweep" / "ratio-0.50" / "report.json").read_text())
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert swept["details"]["heldout_multiple"] == one["details"]["heldout_multiple"]
+    assert swept["ranks"] == one["ranks"]
+
+
 def test_eval_compares_a_folder_with_the_model_its_report_names(tiny, tmp_path, capsys):
     out = tmp_path / "one"
     assert _compress(tiny, out, 0.3, extra=[*FLAR_FAST, "--no-speed"]) == 0
