@@ -225,3 +225,23 @@ def test_default_calibration_uses_the_bundled_photos(tiny, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"]["source"] == f"photos: 4 images at {SIZE} px"
     assert report["after"]["fidelity_images"] > 16  # every evaluation photo's centre crop, then 16 random crops
+
+
+def test_probe_is_fitted_on_the_dense_features_and_scores_both_models(tiny, tmp_path, monkeypatch, capsys):
+    """The probe's plumbing on a small stand-in for the MNIST digits (the real ones take minutes)."""
+    from lrmath_hf import zoo
+    from lrmath_hf.cli_vision import _probe, load_encoder
+
+    rng = np.random.default_rng(3)
+    labels = np.arange(60) % 3
+    images = (rng.integers(0, 60, (60, 28, 28)) + 60 * labels[:, None, None]).astype(np.uint8)  # separable
+    monkeypatch.setattr(zoo, "load_digits_mnist",
+                        lambda split: (images[:40], labels[:40]) if split == "train" else (images[40:], labels[40:]))
+    assert _compress(tiny, tmp_path / "one", 0.3, extra=[*FLAR_FAST, "--no-speed", "--probe"]) == 0
+    report = json.loads((tmp_path / "one" / "report.json").read_text())
+    dense = load_encoder(str(tiny / "model"), "cpu")[0]
+    probe = _probe(dense, {}, quiet=True)
+    assert report["before"]["probe_top1_percent"] == pytest.approx(100 * probe.reference_accuracy)
+    assert report["after"]["probe_top1_percent"] == pytest.approx(
+        100 * probe.score(load_encoder(str(tmp_path / "one"), "cpu")[0]))
+    assert "probe_top1_percent" in capsys.readouterr().out
