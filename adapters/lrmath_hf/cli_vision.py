@@ -172,21 +172,25 @@ def _latency(models: dict, pixels) -> dict:
 def _score(dense, compressed, pixels, probe: _Probe | None) -> dict:
     """Fidelity to ``dense``, and the probe, of ``compressed``."""
     from .modules import count_parameters
-    from .vision_eval import feature_fidelity
+    from .vision_eval import feature_fidelity, has_classifier, prediction_agreement
 
     fidelity = feature_fidelity(dense, compressed, pixels)
     out = {"parameters": count_parameters(compressed), "cls_cosine": fidelity.cls_cosine,
            "patch_cosine": fidelity.patch_cosine, "relative_error": fidelity.relative_error,
            "fidelity_images": fidelity.n_images}
+    if has_classifier(dense) and has_classifier(compressed):  # a ...ForImageClassification: same answers?
+        out["top1_agreement"] = prediction_agreement(dense, compressed, pixels)
     if probe is not None:
         out["probe_top1_percent"] = 100 * probe.score(compressed)
     return out
 
 
 def _fidelity_line(after: dict) -> str:
+    agreement = (f", top-1 agreement with the dense classifier {after['top1_agreement']:.3f}"
+                 if "top1_agreement" in after else "")
     return (f"fidelity to the dense model on {after['fidelity_images']} evaluation images: CLS cosine "
             f"{after['cls_cosine']:.4f}, patch cosine {after['patch_cosine']:.4f}, relative error "
-            f"{after['relative_error']:.4f}")
+            f"{after['relative_error']:.4f}{agreement}")
 
 
 def _statistics(model, spec, batches, recipe: str, options: dict, quiet: bool) -> dict:
@@ -267,13 +271,13 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
         print(_fidelity_line(after))
         print(f"saved to {out} (load with lrmath_hf.load_compressed)")
     else:
-        print(ratio_table(before, rows, cols=_ratio_columns(probe is not None)))
+        print(ratio_table(before, rows, cols=_ratio_columns(rows, probe is not None)))
         print(f"saved {len(rows)} models to {out}/ratio-*/ (load each with lrmath_hf.load_compressed); "
               f"summary in {out / 'summary.json'}")
     return 0
 
 
-def _ratio_columns(with_probe: bool) -> list:
+def _ratio_columns(rows: list[dict], with_probe: bool) -> list:
     def fmt(key, spec):
         return lambda r: format(r[key], spec) if r.get(key) is not None else "-"
 
@@ -282,6 +286,8 @@ def _ratio_columns(with_probe: bool) -> list:
             ("file MB", lambda r: f"{r['file_bytes'] / 1e6:.2f}" if "file_bytes" in r else "-"),
             ("CLS cosine", fmt("cls_cosine", ".4f")), ("patch cosine", fmt("patch_cosine", ".4f")),
             ("rel. error", fmt("relative_error", ".4f")), ("latency ms", fmt("latency_ms", ".2f"))]
+    if any("top1_agreement" in r for r in rows):
+        cols.append(("top-1 agree", fmt("top1_agreement", ".3f")))
     return cols + ([("probe top-1 %", fmt("probe_top1_percent", ".2f"))] if with_probe else [])
 
 
@@ -289,7 +295,7 @@ def eval_encoder(args) -> int:
     """Parameters and latency of an encoder; fidelity to (and latency beside) a reference, and the probe."""
     from .latency import device_name
     from .modules import count_parameters
-    from .vision_eval import feature_fidelity
+    from .vision_eval import feature_fidelity, has_classifier, prediction_agreement
 
     model, processor = load_encoder(args.model, args.device_obj)
     reference_name = args.reference or (_report_model(Path(args.model)) if Path(args.model).is_dir() else None)
@@ -303,6 +309,8 @@ def eval_encoder(args) -> int:
     if reference is not None:
         fidelity = dataclasses.asdict(feature_fidelity(reference, model, evaluation))
         result.update({k: v for k, v in fidelity.items() if not k.endswith("_per_image")})
+        if has_classifier(reference) and has_classifier(model):
+            result["top1_agreement"] = prediction_agreement(reference, model, evaluation)
     if args.probe:
         probe = _probe(reference if reference is not None else model, norm, args.quiet)
         result["probe_fitted_on"] = reference_name if reference is not None else args.model

@@ -21,7 +21,7 @@ from .latency import _sync  # CUDA work is asynchronous: wait for it before read
 # the paired tests and the ViT measures live in their own modules; they are part of this one's API
 from .significance import PairedScoreTest, PairedTest, paired_accuracy_test, paired_score_test
 from .vision_eval import (FeatureFidelity, feature_fidelity, fit_linear_probe, linear_probe_accuracy,
-                          linear_probe_correct, vit_features)
+                          linear_probe_correct, prediction_agreement, vit_features)
 
 __all__ = [
     "perplexity",
@@ -30,6 +30,7 @@ __all__ = [
     "throughput_interleaved",
     "FeatureFidelity",
     "feature_fidelity",
+    "prediction_agreement",
     "vit_features",
     "fit_linear_probe",
     "linear_probe_accuracy",

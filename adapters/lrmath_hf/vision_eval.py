@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from .calibrate import input_device
 
-__all__ = ["FeatureFidelity", "feature_fidelity", "vit_features", "fit_linear_probe", "linear_probe_accuracy",
-           "linear_probe_correct"]
+__all__ = ["FeatureFidelity", "feature_fidelity", "prediction_agreement", "vit_features", "fit_linear_probe",
+           "linear_probe_accuracy", "linear_probe_correct"]
 
 
 @torch.inference_mode()
@@ -80,6 +80,52 @@ def feature_fidelity(dense_model, compressed_model, pixel_values, *, batch_size:
         cls_cosine_per_image=tuple(float(v) for v in cls_cos),
         relative_error_per_image=tuple(float(v) for v in rel),
     )
+
+
+def has_classifier(model) -> bool:
+    """Whether ``model`` puts a classification head on its backbone (``...ForImageClassification``)."""
+    return model.base_model is not model and hasattr(model, "classifier")
+
+
+@torch.inference_mode()
+def prediction_agreement(dense_model, compressed_model, pixel_values, *, batch_size: int = 16) -> float:
+    """Fraction of images on which two image classifiers predict the same top-1 class.
+
+    Needs no labels: for a ``...ForImageClassification`` model it says how often
+    compression changed the answer.
+
+    Parameters
+    ----------
+    dense_model, compressed_model : transformers image classifier
+        Both return ``logits`` of shape ``(n, classes)``.
+    pixel_values : torch.Tensor
+        ``(n, 3, H, W)``.
+    batch_size : int, optional
+
+    Returns
+    -------
+    float
+        In [0, 1].
+
+    Raises
+    ------
+    ValueError
+        If either model has no classification head.
+    """
+    for model in (dense_model, compressed_model):
+        if not has_classifier(model):
+            raise ValueError(f"{type(model).__name__} has no classification head: compare features instead "
+                             "(feature_fidelity)")
+    same = 0
+    for start in range(0, pixel_values.shape[0], batch_size):
+        batch = pixel_values[start : start + batch_size]
+        predictions = []
+        for model in (dense_model, compressed_model):
+            param = next(model.parameters())
+            logits = model(pixel_values=batch.to(device=input_device(model), dtype=param.dtype)).logits
+            predictions.append(logits.argmax(dim=-1).cpu())
+        same += int((predictions[0] == predictions[1]).sum())
+    return same / int(pixel_values.shape[0])
 
 
 def vit_features(model, pixel_values, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:

@@ -245,3 +245,27 @@ def test_probe_is_fitted_on_the_dense_features_and_scores_both_models(tiny, tmp_
     assert report["after"]["probe_top1_percent"] == pytest.approx(
         100 * probe.score(load_encoder(str(tmp_path / "one"), "cpu")[0]))
     assert "probe_top1_percent" in capsys.readouterr().out
+
+
+def test_a_classifier_reports_how_often_it_keeps_the_dense_answer(tmp_path, capsys):
+    from transformers import ViTForImageClassification
+
+    from lrmath_hf.vision_eval import prediction_agreement
+
+    model_dir = tmp_path / "vit-cls"
+    tiny_vision_model("vit", "ViTForImageClassification", dtype=torch.float32).save_pretrained(model_dir)
+    assert main(["compress", str(model_dir), "--recipe", "svd-llm", "--ratio", "0.3", "0.6", "--calib-images", "4",
+                 "--no-speed", "--quiet", "--out", str(tmp_path / "out")]) == 0
+    assert "top-1 agree" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]
+    assert all(0.0 <= row["top1_agreement"] <= 1.0 for row in rows)
+    dense = ViTForImageClassification.from_pretrained(model_dir).eval()
+    pixels = torch.randn(6, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    assert prediction_agreement(dense, dense, pixels, batch_size=4) == 1.0
+    flipped = ViTForImageClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        flipped.classifier.weight.neg_()
+        flipped.classifier.bias.neg_()
+    assert prediction_agreement(dense, flipped, pixels) == 0.0  # argmax of -logits is never the argmax
+    with pytest.raises(ValueError, match="no classification head"):
+        prediction_agreement(dense.vit, dense.vit, pixels)
