@@ -26,7 +26,8 @@ __all__ = ["main", "build_parser"]
 # so that an option given for the other kind is refused rather than ignored).
 _TEXT_ONLY = {"seq_len": 512, "eval_windows": 80, "calib_windows": 64, "eval_text": None, "text": "wiki",
               "tune_layout": False, "sequential_speed": False}
-_IMAGE_ONLY = {"image_size": None, "calib_images": 32, "eval_images": "photos", "probe": False, "reference": None}
+_IMAGE_ONLY = {"image_size": None, "calib_images": 32, "eval_images": "photos", "probe": False, "reference": None,
+               "latency_batch": 1}
 
 
 def _resolve(args) -> str:
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pixels per side (default: 224 for DINOv2, the config's image_size otherwise)")
     images.add_argument("--eval-images", default=None,
                         help="'photos' (default: the bundled evaluation photos) or a folder of image files")
+    images.add_argument("--latency-batch", type=int, default=None,
+                        help="images per timed forward (default 1); flar's latency caps are measured at it too "
+                             "unless --option latency_batch says otherwise")
     images.add_argument("--probe", action="store_true", default=None,
                         help="also score the MNIST linear probe (fitted on the dense model's features)")
 

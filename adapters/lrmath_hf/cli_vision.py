@@ -163,10 +163,12 @@ def _probe(reference, norm: dict, quiet: bool) -> _Probe:
     return _Probe(classifier, test, test_y, accuracy)
 
 
-def _latency(models: dict, pixels) -> dict:
+def _latency(models: dict, pixels, batch: int) -> dict:
+    """Median forward seconds of each model on the first ``batch`` images (cycled if there are fewer)."""
     from .latency import time_models
 
-    return time_models(models, pixels[:1], **LATENCY_ROUNDS)
+    index = [i % len(pixels) for i in range(batch)]
+    return time_models(models, pixels[index], **LATENCY_ROUNDS)
 
 
 def _score(dense, compressed, pixels, probe: _Probe | None) -> dict:
@@ -216,6 +218,7 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
     from .latency import device_name
     from .modules import count_parameters
     from .pipeline import compress
+    from .recipes import recipe_options
     from .specs import get_spec
 
     started = time.perf_counter()
@@ -230,6 +233,8 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
     before["file_bytes"] = before["parameters"] * next(model.parameters()).element_size()
     if probe is not None:
         before["probe_top1_percent"] = 100 * probe.reference_accuracy
+    if "latency_batch" in (recipe_options(args.recipe) or ()):  # flar's latency caps: measured at the batch timed
+        args.recipe_options.setdefault("latency_batch", args.latency_batch)
     shared = {} if len(ratios) == 1 else _statistics(model, get_spec(model), batches, args.recipe,
                                                       args.recipe_options, args.quiet)
     rows = []
@@ -243,9 +248,10 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
             after = _score(model, trial, evaluation, probe)
             dense_here = dict(before)
             if not args.no_speed:  # against the dense model timed in the same rounds
-                seconds = _latency({"dense": model, "compressed": trial}, evaluation)
-                dense_here.update(latency_ms=1e3 * seconds["dense"], latency_device=device_name(args.device_obj))
-                after.update(latency_ms=1e3 * seconds["compressed"], latency_device=device_name(args.device_obj))
+                seconds = _latency({"dense": model, "compressed": trial}, evaluation, args.latency_batch)
+                timing = {"latency_device": device_name(args.device_obj), "latency_batch": args.latency_batch}
+                dense_here.update(latency_ms=1e3 * seconds["dense"], **timing)
+                after.update(latency_ms=1e3 * seconds["compressed"], **timing)
                 before.setdefault("latency_ms", dense_here["latency_ms"])
             name = ratio_folder(ratio)
             _save(trial, report, root / name, args, ratio, dense_here, after, t0, processor=processor)
@@ -319,8 +325,9 @@ def eval_encoder(args) -> int:
             result["reference_probe_top1_percent"] = 100 * probe.reference_accuracy
     if not args.no_speed:
         models = {"model": model, **({"reference": reference} if reference is not None else {})}
-        seconds = _latency(models, evaluation)
-        result.update(latency_ms=1e3 * seconds["model"], latency_device=device_name(args.device_obj))
+        seconds = _latency(models, evaluation, args.latency_batch)
+        result.update(latency_ms=1e3 * seconds["model"], latency_device=device_name(args.device_obj),
+                      latency_batch=args.latency_batch)
         if reference is not None:
             result["reference_latency_ms"] = 1e3 * seconds["reference"]
     print(json.dumps(result, indent=2))
@@ -340,3 +347,5 @@ def check_image_args(args) -> None:
         raise CLIError(f"--image-size must be a positive number of pixels, got {args.image_size}")
     if getattr(args, "calib_images", 1) < 1:
         raise CLIError(f"--calib-images must be at least 1, got {args.calib_images}")
+    if args.latency_batch < 1:
+        raise CLIError(f"--latency-batch must be at least 1, got {args.latency_batch}")

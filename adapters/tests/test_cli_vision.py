@@ -58,7 +58,7 @@ def test_one_ratio_writes_a_folder_whose_reload_has_the_reported_fidelity(tiny, 
     printed = capsys.readouterr().out
     assert "recipe flar" in printed and "CLS cosine" in printed and "latency_ms" in printed
     report = json.loads((out / "report.json").read_text())
-    assert report["recipe"] == "flar" and report["options"] == {"latency_aware": False}
+    assert report["recipe"] == "flar" and report["options"] == {"latency_aware": False, "latency_batch": 1}
     assert report["calibration"]["source"] == f"{tiny / 'calib'}: 8 images at {SIZE} px"
     before, after = report["before"], report["after"]
     assert after["parameters"] < before["parameters"] and 0.25 < report["ratio_achieved"] < 0.35
@@ -187,6 +187,7 @@ def test_preprocessing_normalises_with_the_given_statistics():
     (["--eval-images", "digits"], "--eval-images 'digits': give photos or a folder"),
     (["--calib-images", "0"], "--calib-images must be at least 1"),
     (["--image-size", "0"], "--image-size must be a positive number"),
+    (["--latency-batch", "0"], "--latency-batch must be at least 1"),
     (["--recipe", "global"], "auto handles gated MLPs"),
     (["--option", "nope=1"], "recipe 'flar' has no option 'nope'"),
     (["--option", "statistics=1"], "has no option 'statistics'"),
@@ -269,3 +270,15 @@ def test_a_classifier_reports_how_often_it_keeps_the_dense_answer(tmp_path, caps
     assert prediction_agreement(dense, flipped, pixels) == 0.0  # argmax of -logits is never the argmax
     with pytest.raises(ValueError, match="no classification head"):
         prediction_agreement(dense.vit, dense.vit, pixels)
+
+
+def test_latency_batch_times_that_many_images_and_sets_flars_caps(tiny, tmp_path):
+    out = tmp_path / "b"
+    assert _compress(tiny, out, 0.3, extra=["--latency-batch", "3", "--option", "latency_aware=false"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["latency_batch"] == report["before"]["latency_batch"] == 3
+    assert report["options"] == {"latency_aware": False, "latency_batch": 3}
+    explicit = tmp_path / "e"  # an explicit recipe option wins
+    assert _compress(tiny, explicit, 0.3, extra=["--latency-batch", "3", "--option", "latency_batch=2",
+                                                 *FLAR_FAST]) == 0
+    assert json.loads((explicit / "report.json").read_text())["options"]["latency_batch"] == 2
