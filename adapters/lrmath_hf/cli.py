@@ -187,7 +187,10 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    bars = hf_logging.is_progress_bar_enabled()  # --quiet turns transformers' off for this call only
+    import torch
+
+    # --quiet turns transformers' bars off, --threads sets torch's threads: for this call only
+    bars, threads = hf_logging.is_progress_bar_enabled(), torch.get_num_threads()
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -202,6 +205,7 @@ def main(argv=None) -> int:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":  # pragma: no cover

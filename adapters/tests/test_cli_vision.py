@@ -54,7 +54,9 @@ def _fidelity_of_saved(tiny, folder):
 
 def test_one_ratio_writes_a_folder_whose_reload_has_the_reported_fidelity(tiny, tmp_path, capsys):
     out = tmp_path / "one"
-    assert _compress(tiny, out, 0.3, extra=FLAR_FAST) == 0
+    threads = torch.get_num_threads()
+    assert _compress(tiny, out, 0.3, extra=[*FLAR_FAST, "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads  # --threads applies to the command's own work only
     printed = capsys.readouterr().out
     assert "recipe flar" in printed and "CLS cosine" in printed and "latency_ms" in printed
     report = json.loads((out / "report.json").read_text())
