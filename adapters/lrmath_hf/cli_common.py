@@ -131,13 +131,17 @@ def publish(built: Path, out: Path) -> None:
 
 def save_folder(model, report, folder: Path, args, ratio: float, before: dict, after: dict, started: float, *,
                 processor=None) -> dict:
-    """Write the loadable folder (with ``processor``, if given), report.json and plots; return the payload."""
+    """Write the loadable folder, report.json and plots; return the payload.
+
+    ``processor`` (a tokenizer or an image processor) is saved beside the model, so that
+    ``lrmath eval`` and ``from_pretrained``-style tools find it in the folder itself.
+    """
     from .io import save_compressed
 
     payload = report.to_dict()
     save_compressed(model, folder, report=payload, recipe=args.recipe, options={"ratio": ratio})
     if processor is not None and hasattr(processor, "save_pretrained"):
-        processor.save_pretrained(folder)  # lrmath eval reads the normalisation back
+        processor.save_pretrained(folder)
     after["file_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     before.setdefault("file_bytes", before["parameters"] * next(model.parameters()).element_size())
     payload.update(model=args.model, before=before, after=after, command=shlex.join(sys.argv),

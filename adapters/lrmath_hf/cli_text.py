@@ -120,7 +120,7 @@ def compress_decoder(args, ratios: list[float], out: Path) -> int:
         after.update(compressed_speed)
         del dense
     with staged(out) as root:
-        _save(model, report, root / "model", args, ratio, before, after, started)
+        _save(model, report, root / "model", args, ratio, before, after, started, processor=tokenizer)
         publish(root / "model", out)
     print(report.summary())
     print(table(before, after))
@@ -173,7 +173,7 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
                 if "prefill_tokens_per_s" not in before:  # the summary's dense row: the first pair's timing
                     before.update(dense_speed)
             name = ratio_folder(ratio)
-            _save(trial, report, root / name, args, ratio, dense_here, after, t0)
+            _save(trial, report, root / name, args, ratio, dense_here, after, t0, processor=tokenizer)
             rows.append({"folder": name, "ratio_requested": ratio, "ratio_achieved": report.ratio_achieved,
                          "model_ratio_achieved": report.model_ratio_achieved, **after,
                          **{f"dense_{k}": v for k, v in dense_here.items() if k.endswith("_per_s")},

@@ -179,6 +179,22 @@ def test_recipe_options_reach_every_ratio_and_the_report(tiny_folder, tmp_path):
         assert payload["details"]["selection"] == "obs" and payload["details"]["ridge"] == 0.01
 
 
+def test_the_folder_carries_its_tokenizer_so_eval_needs_no_base_model(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_folder / "model", base)
+    out = tmp_path / "small"
+    assert main(["compress", str(base), "--calib", str(tiny_folder / "text.txt"), *TINY_ARGS, "--no-speed",
+                 "--ratio", "0.3", "--out", str(out)]) == 0
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    shutil.rmtree(base)  # report.json still names it; eval must not need it
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(tiny_folder / "text.txt"), "--seq-len", "32", "--eval-windows",
+                 "2", "--no-speed", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+
+
 def test_eval_of_a_folder_saved_from_python_finds_its_tokenizer(tiny_folder, tmp_path, capsys):
     """A folder written by save_compressed has no report.json: a tokenizer saved beside it is used,
     and without one the error says what to do."""
