@@ -26,8 +26,7 @@ __all__ = ["main", "build_parser"]
 # so that an option given for the other kind is refused rather than ignored).
 _TEXT_ONLY = {"seq_len": 512, "eval_windows": 80, "calib_windows": 64, "eval_text": None, "text": "wiki",
               "tune_layout": False, "sequential_speed": False}
-_IMAGE_ONLY = {"image_size": None, "calib_images": 32, "eval_images": "photos", "probe": False, "reference": None,
-               "latency_batch": 1}
+_IMAGE_ONLY = {"image_size": None, "calib_images": 32, "eval_images": "photos", "probe": False, "latency_batch": 1}
 
 
 def _resolve(args) -> str:
@@ -171,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--text", default=None, help="decoders: 'wiki' (default) or a text file")
     p.add_argument("--reference", default=None,
-                   help="encoders: the dense model to compare with (default: the one a folder's report.json "
-                        "names)")
+                   help="the model to compare with on the same data, timed in the same rounds (encoders' "
+                        "default: the one a folder's report.json names; decoders: none unless given)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", help="what a saved folder's manifest says")

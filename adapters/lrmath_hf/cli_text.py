@@ -24,7 +24,7 @@ from .cli_measure import measure, paired, paired_speed, ratio_table, table
 __all__ = ["compress_decoder", "eval_decoder"]
 
 
-def _load(name: str, device):
+def _load(name: str, device, *, need_tokenizer: bool = True):
     """Model (on ``device``) and tokenizer of a zoo name, saved folder or hub id."""
     from . import zoo
 
@@ -33,12 +33,14 @@ def _load(name: str, device):
 
         model = load_compressed(name, device=device)
         _require_decoder(model, name)
-        return model, _folder_tokenizer(Path(name))
+        return model, _folder_tokenizer(Path(name)) if need_tokenizer else None
     if name not in zoo.list_models() and not Path(name).exists() and "/" not in name:
         raise CLIError(f"unknown model {name!r}: use one of {', '.join(zoo.list_models())}, "
                        "a local folder, or a hub id (org/name)")
     model, tokenizer = zoo.load_model(name, device=device)
     _require_decoder(model, name)
+    if tokenizer is None and need_tokenizer:
+        raise CLIError(f"{name} has no tokenizer: save one into it (tokenizer.save_pretrained)")
     return model, tokenizer
 
 
@@ -209,9 +211,26 @@ def _model_label(name: str) -> str:
 
 
 def eval_decoder(args) -> int:
-    """Perplexity and tokens/s of a decoder (a zoo name, hub id or saved folder)."""
+    """Perplexity and tokens/s of a decoder (a zoo name, hub id or saved folder).
+
+    With ``--reference``, the same of that model on the same windows (with the evaluated
+    model's tokenizer), its tokens/s timed in the same rounds.
+    """
     model, tokenizer = _load(args.model, args.device_obj)
     windows = _windows(tokenizer, _text(args.text, "evaluation"), args.seq_len, args.eval_windows, "evaluation")
-    result = measure(model, tokenizer, windows, args)
+    if not args.reference:
+        print(json.dumps(measure(model, tokenizer, windows, args), indent=2))
+        return 0
+    reference, _ = _load(args.reference, args.device_obj, need_tokenizer=False)  # scored with the model's
+    if reference.config.vocab_size != model.config.vocab_size:
+        raise CLIError(f"--reference {args.reference} has a vocabulary of {reference.config.vocab_size} tokens, "
+                       f"{args.model} one of {model.config.vocab_size}: they cannot be scored on the same windows")
+    result = measure(model, tokenizer, windows, args, speed=False)
+    theirs = measure(reference, tokenizer, windows, args, speed=False)
+    if not args.no_speed:
+        their_speed, our_speed = paired_speed(reference, model, tokenizer, windows, args)
+        result.update(our_speed)
+        theirs.update(their_speed)
+    result.update(reference=args.reference, **{f"reference_{key}": value for key, value in theirs.items()})
     print(json.dumps(result, indent=2))
     return 0

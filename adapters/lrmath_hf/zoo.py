@@ -163,7 +163,10 @@ def _load_pretrained(name: str, dtype):
     architectures = config.architectures or []
     if any(a.endswith("ForCausalLM") for a in architectures):
         model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        return model, transformers.AutoTokenizer.from_pretrained(name)
+        try:
+            return model, transformers.AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError):  # a checkpoint saved without its tokenizer
+            return model, None
     if any(a.endswith("ForImageClassification") for a in architectures):
         model = transformers.AutoModelForImageClassification.from_pretrained(name, dtype=dtype)
     else:

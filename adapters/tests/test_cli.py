@@ -195,6 +195,34 @@ def test_the_folder_carries_its_tokenizer_so_eval_needs_no_base_model(tiny_folde
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
 
 
+def test_eval_against_a_reference_scores_both_on_the_same_windows(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert _compress(tiny_folder, out, 0.3, extra=["--no-speed"]) == 0
+    after = json.loads((out / "report.json").read_text())["after"]
+    before = json.loads((out / "report.json").read_text())["before"]
+    capsys.readouterr()
+    argv = ["eval", str(out), "--reference", str(tiny_folder / "model"), "--text", str(tiny_folder / "text.txt"),
+            "--seq-len", "32", "--eval-windows", "4", "--quiet"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference"] == str(tiny_folder / "model")
+    # compress scored the same 4 windows: the first ones of the same text file
+    assert result["perplexity"] == pytest.approx(after["perplexity"], rel=1e-5)
+    assert result["reference_perplexity"] == pytest.approx(before["perplexity"], rel=1e-5)
+    assert result["parameters"] < result["reference_parameters"]
+    assert result["speed_timing"] == result["reference_speed_timing"] == "interleaved"
+    assert result["decode_tokens_per_s"] > 0 and result["reference_decode_tokens_per_s"] > 0
+    other = tmp_path / "other-vocab"
+    tiny_model("llama", dtype=torch.float32, vocab_size=300).save_pretrained(other)  # and no tokenizer
+    capsys.readouterr()
+    assert main([*argv[:2], "--reference", str(other), *argv[4:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "vocabulary of 300 tokens" in err and len(err.splitlines()) == 1
+    assert main(["compress", str(other), *TINY_ARGS, "--out", str(tmp_path / "o")]) == 2  # nothing to tokenise with
+    err = capsys.readouterr().err.strip()
+    assert "has no tokenizer" in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_eval_of_a_folder_saved_from_python_finds_its_tokenizer(tiny_folder, tmp_path, capsys):
     """A folder written by save_compressed has no report.json: a tokenizer saved beside it is used,
     and without one the error says what to do."""
