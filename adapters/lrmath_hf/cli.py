@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,17 @@ def cmd_eval(args) -> int:
     return eval_decoder(args)
 
 
+def _natural(name: str) -> list:
+    # layers.2 before layers.10
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
+def _describe(entry: dict) -> str:
+    shape = f"{entry.get('in_features', '?')} -> {entry.get('out_features', '?')}"
+    rank = f", rank {entry['rank']}" if entry.get("rank") is not None else ""
+    return f"{entry.get('kind', '?'):<11} {shape}{rank}"
+
+
 def cmd_inspect(args) -> int:
     from .io import read_manifest
 
@@ -102,10 +114,11 @@ def cmd_inspect(args) -> int:
         print(json.dumps(manifest, indent=2, default=str))
         return 0
     modules = manifest.get("modules", {})
-    print(f"format {manifest.get('format_version')}; recipe {manifest.get('recipe')}; "
-          f"{len(modules)} replaced modules; versions {manifest.get('versions')}")
-    for name, entry in sorted(modules.items()):
-        print(f"  {name}: {entry.get('kind')} rank={entry.get('rank', '-')}")
+    print(f"format {manifest.get('format_version')}; recipe {manifest.get('recipe')}; model_type "
+          f"{manifest.get('model_type')}; {len(modules)} replaced modules; versions {manifest.get('versions')}")
+    width = max((len(name) for name in modules), default=0)
+    for name in sorted(modules, key=_natural):
+        print(f"  {name:<{width}}  {_describe(modules[name])}")
     return 0
 
 
@@ -195,6 +208,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lrmath: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (lrmath inspect F | head): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except CLIError as exc:
         print(f"lrmath: error: {exc}", file=sys.stderr)
         return 2

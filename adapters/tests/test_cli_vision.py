@@ -284,3 +284,20 @@ def test_latency_batch_times_that_many_images_and_sets_flars_caps(tiny, tmp_path
     assert _compress(tiny, explicit, 0.3, extra=["--latency-batch", "3", "--option", "latency_batch=2",
                                                  *FLAR_FAST]) == 0
     assert json.loads((explicit / "report.json").read_text())["options"]["latency_batch"] == 2
+
+
+def test_inspect_lists_each_replaced_module_with_its_shape_in_layer_order(tiny, tmp_path, capsys):
+    from lrmath_hf.cli import _natural
+
+    out = tmp_path / "one"
+    assert _compress(tiny, out, 0.5, extra=[*FLAR_FAST, "--no-speed"]) == 0
+    ranks = json.loads((out / "report.json").read_text())["ranks"]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "recipe flar; model_type dinov2" in lines[0]
+    factorised = [line for line in lines[1:] if "factorized" in line]
+    assert len(factorised) == sum(rank != "dense" for rank in ranks.values()) > 0
+    assert all(" -> " in line and ", rank " in line for line in factorised)
+    names = ["model.layers.10.mlp", "model.layers.2.mlp", "model.layers.1.mlp"]
+    assert sorted(names, key=_natural) == ["model.layers.1.mlp", "model.layers.2.mlp", "model.layers.10.mlp"]
