@@ -116,6 +116,8 @@ def calibration_pixels(args, size: int, norm: dict):
 
     if args.calib == "digits":
         digits, _ = zoo.load_digits_mnist("train")
+        if args.calib_images > len(digits):
+            raise CLIError(f"--calib-images {args.calib_images}: the digits' train split has {len(digits):,}")
         pixels = data.preprocess_images(digits[: args.calib_images], size, center_crop=False, **norm)
     else:
         pixels = data.random_crops(_images(args.calib, "calibration"), args.calib_images, size, seed=0, **norm)

@@ -203,6 +203,17 @@ def test_bad_input_for_an_encoder_is_one_line_and_writes_nothing(tiny, tmp_path,
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
 
 
+def test_more_calibration_digits_than_the_split_holds_are_refused(tiny, tmp_path, capsys, monkeypatch):
+    from lrmath_hf import zoo
+
+    digits = np.zeros((5, 28, 28), dtype=np.uint8)
+    monkeypatch.setattr(zoo, "load_digits_mnist", lambda split: (digits, np.zeros(5, dtype=np.int64)))
+    assert main(["compress", str(tiny / "model"), "--calib", "digits", "--calib-images", "6", "--quiet",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the digits' train split has 5" in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_an_image_folder_without_images_is_refused(tiny, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["compress", str(tiny / "model"), "--calib", str(tmp_path / "empty"), "--out",
