@@ -10,6 +10,7 @@ import torch
 
 from lrmath_hf.cli import _ratio_folder, main
 
+from ._interrupt import interrupt_second_save
 from ._tiny_models import tiny_model
 
 
@@ -250,16 +251,7 @@ def test_eval_of_a_folder_saved_from_python_finds_its_tokenizer(tiny_folder, tmp
 def test_interrupt_during_a_sweep_leaves_nothing(tiny_folder, tmp_path, monkeypatch, capsys):
     from lrmath_hf import cli_text
 
-    calls = []
-    real_save = cli_text._save
-
-    def save_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_save(*args, **kwargs)
-
-    monkeypatch.setattr(cli_text, "_save", save_then_interrupt)
+    interrupt_second_save(monkeypatch, cli_text)
     assert _compress(tiny_folder, tmp_path / "sweep", 0.2, 0.4, extra=["--no-speed"]) == 130
     assert "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists() and _no_staging_left(tmp_path)

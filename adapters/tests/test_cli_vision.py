@@ -8,6 +8,7 @@ import torch
 
 from lrmath_hf.cli import main
 
+from ._interrupt import interrupt_second_save
 from .test_vision_specs import tiny_vision_model
 
 SIZE = "56"  # the tiny encoders' image size (4 x 4 patches of 14 px)
@@ -92,16 +93,7 @@ def test_several_ratios_share_one_calibration_and_match_single_runs(tiny, tmp_pa
 def test_interrupt_during_a_sweep_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
     from lrmath_hf import cli_vision
 
-    calls = []
-    real_save = cli_vision._save
-
-    def save_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_save(*args, **kwargs)
-
-    monkeypatch.setattr(cli_vision, "_save", save_then_interrupt)
+    interrupt_second_save(monkeypatch, cli_vision)
     assert _compress(tiny, tmp_path / "sweep", 0.2, 0.4, extra=[*FLAR_FAST, "--no-speed"]) == 130
     assert "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists() and not list(tmp_path.glob(".sweep.*"))
