@@ -83,8 +83,9 @@ def feature_fidelity(dense_model, compressed_model, pixel_values, *, batch_size:
 
 
 def has_classifier(model) -> bool:
-    """Whether ``model`` puts a classification head on its backbone (``...ForImageClassification``)."""
-    return model.base_model is not model and hasattr(model, "classifier")
+    """Whether ``model`` puts a classification head on its backbone (``...ForImageClassification``;
+    DeiT's with-teacher variant has two, whose logits it averages)."""
+    return model.base_model is not model and (hasattr(model, "classifier") or hasattr(model, "cls_classifier"))
 
 
 @torch.inference_mode()

@@ -275,6 +275,8 @@ def test_a_classifier_reports_how_often_it_keeps_the_dense_answer(tmp_path, caps
     assert prediction_agreement(dense, flipped, pixels) == 0.0  # argmax of -logits is never the argmax
     with pytest.raises(ValueError, match="no classification head"):
         prediction_agreement(dense.vit, dense.vit, pixels)
+    teacher = tiny_vision_model("deit", "DeiTForImageClassificationWithTeacher", dtype=torch.float32)
+    assert prediction_agreement(teacher, teacher, pixels) == 1.0  # two heads, averaged logits
 
 
 def test_latency_batch_times_that_many_images_and_sets_flars_caps(tiny, tmp_path):
