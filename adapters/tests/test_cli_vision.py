@@ -306,3 +306,19 @@ def test_inspect_lists_each_replaced_module_with_its_shape_in_layer_order(tiny, 
     assert all(" -> " in line and ", rank " in line for line in factorised)
     names = ["model.layers.10.mlp", "model.layers.2.mlp", "model.layers.1.mlp"]
     assert sorted(names, key=_natural) == ["model.layers.1.mlp", "model.layers.2.mlp", "model.layers.10.mlp"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_compress_and_eval_on_cuda_write_a_folder_that_reloads_on_the_cpu(tiny, tmp_path, capsys):
+    """``--device cuda``: calibration, search, latency table, fidelity and timing on the GPU."""
+    out = tmp_path / "o"
+    assert _compress(tiny, out, 0.3, extra=["--device", "cuda"]) == 0  # latency-aware: CUDA's own table
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["after"]["cls_cosine"] <= 1 and report["after"]["latency_ms"] > 0
+    fidelity = _fidelity_of_saved(tiny, out)  # reloaded on the CPU
+    assert fidelity.cls_cosine == pytest.approx(report["after"]["cls_cosine"], abs=1e-4)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--device", "cuda", "--image-size", SIZE, "--eval-images", str(tiny / "eval"),
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["cls_cosine"] == pytest.approx(report["after"]["cls_cosine"], abs=1e-4)
