@@ -171,15 +171,15 @@ def _resize(image: torch.Tensor, size) -> torch.Tensor:
     return out[0].clamp_(0.0, 1.0)
 
 
-def _normalise(batch: torch.Tensor, mean, std) -> torch.Tensor:
-    mean_t = torch.as_tensor(mean, dtype=batch.dtype)
-    std_t = torch.as_tensor(std, dtype=batch.dtype)
+def _normaliser(mean, std):
+    """``(x - mean) / std`` over RGB batches, with ``mean`` / ``std`` checked before any image is touched."""
+    mean_t, std_t = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
     if mean_t.shape not in ((), (3,)) or std_t.shape not in ((), (3,)):
         raise ValueError(f"mean and std take one value or one per RGB channel, got {tuple(mean_t.shape)} "
                          f"and {tuple(std_t.shape)}")
     if not bool((std_t > 0).all()):
         raise ValueError(f"std must be positive, got {std_t.tolist()}")
-    return (batch - mean_t.reshape(1, -1, 1, 1)) / std_t.reshape(1, -1, 1, 1)
+    return lambda batch: (batch - mean_t.reshape(1, -1, 1, 1)) / std_t.reshape(1, -1, 1, 1)
 
 
 def preprocess_images(images, size: int = 224, *, resize: int | None = None, center_crop: bool = True,
@@ -207,6 +207,7 @@ def preprocess_images(images, size: int = 224, *, resize: int | None = None, cen
     torch.Tensor
         float32, shape ``(n, 3, size, size)``.
     """
+    normalise = _normaliser(mean, std)
     out = []
     for image in to_tensor_images(images):
         if not center_crop:
@@ -219,7 +220,7 @@ def preprocess_images(images, size: int = 224, *, resize: int | None = None, cen
         image = _resize(image, (new_h, new_w))
         top, left = (new_h - size) // 2, (new_w - size) // 2
         out.append(image[:, top : top + size, left : left + size])
-    return _normalise(torch.stack(out), mean, std)
+    return normalise(torch.stack(out))
 
 
 def random_crops(images, n: int, size: int = 224, *, seed: int = 0, scale=(0.25, 1.0), flip: bool = True,
@@ -248,6 +249,7 @@ def random_crops(images, n: int, size: int = 224, *, seed: int = 0, scale=(0.25,
     torch.Tensor
         float32, shape ``(n, 3, size, size)``, normalised (ImageNet by default).
     """
+    normalise = _normaliser(mean, std)
     tensors = to_tensor_images(images)
     rng = np.random.default_rng(seed)
     out = []
@@ -262,4 +264,4 @@ def random_crops(images, n: int, size: int = 224, *, seed: int = 0, scale=(0.25,
         if flip and rng.random() < 0.5:
             crop = crop.flip(-1)
         out.append(crop)
-    return _normalise(torch.stack(out), mean, std)
+    return normalise(torch.stack(out))
