@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["CLIError", "model_kind", "recipe_options_from", "device_from", "check_ratios", "ratio_folder",
-           "staged", "publish", "save_folder"]
+           "staged", "publish", "save_folder", "report_model", "shared_statistics"]
 
 
 class CLIError(Exception):
@@ -159,3 +159,30 @@ def _write_plots(report, folder: Path, model) -> None:
         write_plots(report, folder, spec=get_spec(model))
     except ImportError:  # matplotlib is optional
         pass
+
+
+def report_model(folder: Path) -> str | None:
+    """The base model a folder's ``report.json`` names (the command records it), else ``None``."""
+    report = Path(folder) / "report.json"
+    return json.loads(report.read_text()).get("model") if report.is_file() else None
+
+
+def shared_statistics(model, batches, recipe: str, options: dict, *, progress: bool) -> dict:
+    """Calibration statistics computed once for every ratio of a sweep, as the recipe's option takes them.
+
+    ``{"statistics": ...}`` for ``flar`` (held-out shrinkage: the two folds it scores on),
+    ``{"stats": ...}`` for the recipes that take precomputed statistics, ``{}`` for the others
+    (each ratio then calibrates on its own).
+    """
+    from .recipes import recipe_options
+    from .recipes.common import run_calibration, union_plan
+    from .recipes.flar import flar_statistics
+    from .specs import get_spec
+
+    accepted, spec = recipe_options(recipe) or (), get_spec(model)
+    if "statistics" in accepted and spec.kind == "encoder":  # flar on a decoder: compress refuses it at once
+        folds = 2 if options.get("shrinkage") == "heldout" else 1
+        return {"statistics": flar_statistics(model, spec, batches, folds=folds, progress=progress)}
+    if "stats" in accepted:
+        return {"stats": run_calibration(model, spec, batches, union_plan(spec), progress=progress)}
+    return {}

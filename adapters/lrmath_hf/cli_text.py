@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_common import CLIError, publish, ratio_folder, staged
+from .cli_common import CLIError, publish, ratio_folder, report_model, shared_statistics, staged
 from .cli_common import save_folder as _save  # module-level name: a test interrupts a sweep through it
 from .cli_measure import measure, paired, paired_speed, ratio_table, table
 
@@ -59,8 +59,7 @@ def _folder_tokenizer(folder: Path):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder)
-    report = folder / "report.json"
-    model_name = json.loads(report.read_text()).get("model") if report.is_file() else None
+    model_name = report_model(folder)
     if not model_name:
         raise CLIError(f"{folder} has no tokenizer and no report.json naming its base model: save one into it "
                        "(tokenizer.save_pretrained(folder)), or compress with the lrmath command, which records it")
@@ -130,40 +129,29 @@ def compress_decoder(args, ratios: list[float], out: Path) -> int:
     return 0
 
 
-def _takes_stats(recipe: str) -> bool:
-    from .recipes import recipe_options
-
-    return "stats" in (recipe_options(recipe) or ())
-
-
 def _compress_many(args, ratios: list[float], out: Path) -> int:
     """One dense measurement and (where the recipe reuses statistics) one calibration for every ratio."""
     from .pipeline import compress
-    from .recipes.common import run_calibration, union_plan
-    from .specs import get_spec
 
     started = time.perf_counter()
     model, tokenizer, calib, eval_windows = _prepare(args)
     before = measure(model, tokenizer, eval_windows, args, speed=not paired(args))
     before["file_bytes"] = before["parameters"] * next(model.parameters()).element_size()
     source = f"{args.calib}: {args.calib_windows} x {args.seq_len} tokens"
-    stats, calib_seconds = None, 0.0
-    if _takes_stats(args.recipe):
-        t0 = time.perf_counter()
-        stats = run_calibration(model, get_spec(model), [w[None] for w in calib], union_plan(get_spec(model)),
-                                progress=not args.quiet)
-        calib_seconds = time.perf_counter() - t0
-        if not args.quiet:
-            print(f"calibrated once for {len(ratios)} ratios: {stats.tokens:,} tokens in {calib_seconds:.1f} s")
+    t0 = time.perf_counter()
+    shared = shared_statistics(model, [w[None] for w in calib], args.recipe, args.recipe_options,
+                               progress=not args.quiet)
+    calib_seconds = time.perf_counter() - t0 if shared else 0.0
+    if shared and not args.quiet:
+        print(f"calibrated once for {len(ratios)} ratios: {shared['stats'].tokens:,} tokens in {calib_seconds:.1f} s")
     rows = []
     with staged(out) as root:
         for ratio in ratios:
             t0 = time.perf_counter()
             trial = copy.deepcopy(model)
-            shared = {"stats": stats} if stats is not None else {}
             report = compress(trial, calib, recipe=args.recipe, ratio=ratio, progress=not args.quiet,
                               calibration_source=source, **args.recipe_options, **shared)
-            if stats is not None:
+            if shared:
                 report.timings["calibration_shared"] = calib_seconds
                 report.calibration["shared_across_ratios"] = ratios
             after = measure(trial, tokenizer, eval_windows, args, speed=not paired(args))
@@ -187,7 +175,7 @@ def _compress_many(args, ratios: list[float], out: Path) -> int:
                       f"parameters{ppl} -> {name}/")
         summary = {"model": args.model, "recipe": args.recipe, "ratios": ratios, "dense": before,
                    "rows": rows,
-                   "calibration": {"source": source, "shared": stats is not None, "seconds": calib_seconds},
+                   "calibration": {"source": source, "shared": bool(shared), "seconds": calib_seconds},
                    "command": shlex.join(sys.argv), "wall_seconds": time.perf_counter() - started}
         (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if all("perplexity" in r for r in rows):

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_common import CLIError, publish, ratio_folder, staged
+from .cli_common import CLIError, publish, ratio_folder, report_model, shared_statistics, staged
 from .cli_common import save_folder as _save  # module-level name: a test interrupts a sweep through it
 from .cli_measure import ratio_table, table
 
@@ -66,11 +66,6 @@ def _folder_processor(folder: Path):
 
         return AutoImageProcessor.from_pretrained(folder)
     return None
-
-
-def _report_model(folder: Path) -> str | None:
-    report = folder / "report.json"
-    return json.loads(report.read_text()).get("model") if report.is_file() else None
 
 
 def _normalisation(processor) -> dict:
@@ -197,22 +192,6 @@ def _fidelity_line(after: dict) -> str:
             f"{after['relative_error']:.4f}{agreement}")
 
 
-def _statistics(model, spec, batches, recipe: str, options: dict, quiet: bool) -> dict:
-    """Calibration statistics computed once for every ratio, as the recipe's option takes them
-    (held-out shrinkage: the two folds it scores on)."""
-    from .recipes import recipe_options
-    from .recipes.common import run_calibration, union_plan
-    from .recipes.flar import flar_statistics
-
-    accepted = recipe_options(recipe) or ()
-    if "statistics" in accepted:
-        folds = 2 if options.get("shrinkage") == "heldout" else 1
-        return {"statistics": flar_statistics(model, spec, batches, folds=folds, progress=not quiet)}
-    if "stats" in accepted:
-        return {"stats": run_calibration(model, spec, batches, union_plan(spec), progress=not quiet)}
-    return {}
-
-
 def compress_encoder(args, ratios: list[float], out: Path) -> int:
     """Compress an encoder at each ratio; one folder (one ratio) or ``ratio-*/`` and summary.json (several)."""
     import torch
@@ -221,7 +200,6 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
     from .modules import count_parameters
     from .pipeline import compress
     from .recipes import recipe_options
-    from .specs import get_spec
 
     started = time.perf_counter()
     model, processor = load_encoder(args.model, args.device_obj)
@@ -237,8 +215,8 @@ def compress_encoder(args, ratios: list[float], out: Path) -> int:
         before["probe_top1_percent"] = 100 * probe.reference_accuracy
     if "latency_batch" in (recipe_options(args.recipe) or ()):  # flar's latency caps: measured at the batch timed
         args.recipe_options.setdefault("latency_batch", args.latency_batch)
-    shared = {} if len(ratios) == 1 else _statistics(model, get_spec(model), batches, args.recipe,
-                                                      args.recipe_options, args.quiet)
+    shared = {} if len(ratios) == 1 else shared_statistics(model, batches, args.recipe, args.recipe_options,
+                                                           progress=not args.quiet)
     rows = []
     with staged(out) as root:
         for ratio in ratios:
@@ -306,7 +284,7 @@ def eval_encoder(args) -> int:
     from .vision_eval import feature_fidelity, has_classifier, prediction_agreement
 
     model, processor = load_encoder(args.model, args.device_obj)
-    reference_name = args.reference or (_report_model(Path(args.model)) if Path(args.model).is_dir() else None)
+    reference_name = args.reference or report_model(Path(args.model))
     reference = load_encoder(reference_name, args.device_obj)[0] if reference_name else None
     norm = _normalisation(processor)
     result: dict = {"model": args.model, "parameters": count_parameters(model)}
